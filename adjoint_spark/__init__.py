@@ -1,0 +1,3 @@
+"""adjoint-spark: two-tower vector retrieval trained and served as a Spark job."""
+
+__version__ = "0.1.0"

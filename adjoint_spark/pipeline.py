@@ -1,0 +1,45 @@
+"""Runs the stages of the pipeline in order in one Spark session, and prints a summary."""
+
+from __future__ import annotations
+
+import logging
+
+from adjoint_spark.config import Config
+from adjoint_spark.prepare import run_prepare
+from adjoint_spark.session import get_spark
+from adjoint_spark.timing import Timer
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("prepare",)
+
+
+def summarize_prepare(manifest: dict, path: str) -> str:
+    lines = [f"prepared: {path}"]
+    for name, t in manifest["tables"].items():
+        lines.append(
+            f"  {name:<12} read {t['read']:>10,}  accepted {t['accepted']:>10,}"
+            f"  rejected {t['rejected']:>8,}"
+        )
+    split = manifest["split"]
+    lines.append(
+        f"  queries {manifest['num_queries']:,}, items {manifest['num_items']:,}, "
+        f"train pairs {split['num_train']:,}, test pairs {split['num_test']:,}"
+    )
+    return "\n".join(lines)
+
+
+def run_stages(config: Config, stages: list[str]) -> int:
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
+    spark = get_spark(config.spark)
+    timer = Timer()
+    summary = []
+    if "prepare" in stages:
+        result = run_prepare(spark, config, timer)
+        summary.append(summarize_prepare(result.manifest, result.path))
+    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in timer.as_dict().items() if "/" not in k)
+    summary.append(f"time: {seconds}")
+    print("\n".join(summary), flush=True)
+    return 0

@@ -1,0 +1,178 @@
+"""File system access through Hadoop's FileSystem API, so one code path serves local
+folders, ``file://``, ``hdfs://`` and ``s3a://`` URIs; plus staging and publishing.
+
+Every output is written under ``<output>/_staging/<name>-<run id>/`` and published by
+renaming it to ``<output>/<name>``; the previous version is moved aside first and
+deleted only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+
+from pyspark.sql import SparkSession
+
+logger = logging.getLogger(__name__)
+
+STAGING_DIR = "_staging"
+
+
+def to_uri(path: str) -> str:
+    """A path as a URI; plain local paths become absolute ``file:`` URIs."""
+    if "://" in path or path.startswith("file:"):
+        return path
+    return "file://" + os.path.abspath(path)
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+@dataclass
+class Storage:
+    """Thin wrapper over ``org.apache.hadoop.fs.FileSystem`` for one Spark session."""
+
+    spark: SparkSession
+
+    def _fs(self, uri: str):
+        jvm = self.spark._jvm
+        path = jvm.org.apache.hadoop.fs.Path(to_uri(uri))
+        conf = self.spark._jsc.hadoopConfiguration()
+        return path.getFileSystem(conf), path
+
+    def exists(self, uri: str) -> bool:
+        fs, path = self._fs(uri)
+        return bool(fs.exists(path))
+
+    def delete(self, uri: str) -> None:
+        fs, path = self._fs(uri)
+        if fs.exists(path):
+            fs.delete(path, True)
+
+    def mkdirs(self, uri: str) -> None:
+        fs, path = self._fs(uri)
+        fs.mkdirs(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        fs, src_path = self._fs(src)
+        _, dst_path = self._fs(dst)
+        if not fs.rename(src_path, dst_path):
+            raise OSError(f"could not rename {src} to {dst}")
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        fs, path = self._fs(uri)
+        out = fs.create(path, True)
+        try:
+            out.write(bytearray(data))
+        finally:
+            out.close()
+
+    def read_bytes(self, uri: str) -> bytes:
+        fs, path = self._fs(uri)
+        length = int(fs.getFileStatus(path).getLen())
+        stream = fs.open(path)
+        try:
+            buf = self.spark._jvm.java.io.ByteArrayOutputStream()
+            self.spark._jvm.org.apache.hadoop.io.IOUtils.copyBytes(stream, buf, 1 << 20, False)
+            data = bytes(buf.toByteArray())
+        finally:
+            stream.close()
+        assert len(data) == length, f"short read of {uri}: {len(data)} of {length} bytes"
+        return data
+
+    def write_json(self, uri: str, obj: object) -> None:
+        self.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=False).encode("utf-8"))
+
+    def read_json(self, uri: str) -> object:
+        return json.loads(self.read_bytes(uri).decode("utf-8"))
+
+    def list_files(self, uri: str) -> list[str]:
+        """Data files under ``uri`` (a file, or a folder walked recursively), sorted;
+        names starting with ``_`` or ``.`` are skipped as Hadoop does."""
+        fs, path = self._fs(uri)
+        if not fs.exists(path):
+            return []
+        status = fs.getFileStatus(path)
+        if status.isFile():
+            return [str(status.getPath().toString())]
+        found = []
+        files = fs.listFiles(path, True)
+        while files.hasNext():
+            item = files.next()
+            name = item.getPath().getName()
+            if not name.startswith(("_", ".")):
+                found.append(str(item.getPath().toString()))
+        return sorted(found)
+
+    def fingerprint(self, uri: str, sample_bytes: int = 1 << 20) -> dict:
+        """Size, modification time and a SHA-256 of the first and last ``sample_bytes``
+        (the whole file when it is smaller than twice that)."""
+        fs, path = self._fs(uri)
+        status = fs.getFileStatus(path)
+        size = int(status.getLen())
+        digest = hashlib.sha256()
+        stream = fs.open(path)
+        try:
+            digest.update(_read_range(self.spark, stream, 0, min(size, 2 * sample_bytes)))
+            if size > 2 * sample_bytes:
+                digest.update(_read_range(self.spark, stream, size - sample_bytes, sample_bytes))
+        finally:
+            stream.close()
+        return {
+            "path": str(status.getPath().toString()),
+            "bytes": size,
+            "modified_ms": int(status.getModificationTime()),
+            "sha256_head_tail": digest.hexdigest(),
+        }
+
+
+def _read_range(spark: SparkSession, stream, offset: int, length: int) -> bytes:
+    buf = spark._jvm.java.nio.ByteBuffer.allocate(length).array()
+    stream.readFully(offset, buf)
+    return bytes(buf)
+
+
+class Staging:
+    """A staging folder for one output, published whole by :meth:`publish`."""
+
+    def __init__(self, storage: Storage, output: str, name: str):
+        self.storage = storage
+        self.output = output
+        self.name = name
+        self.run_id = uuid.uuid4().hex[:12]
+        self.path = join(output, STAGING_DIR, f"{name}-{self.run_id}")
+        self.final = join(output, name)
+
+    def __enter__(self) -> Staging:
+        self.storage.mkdirs(self.path)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # A failed run drops its staging folder; the published output stays as it was.
+        if exc_type is not None:
+            try:
+                self.storage.delete(self.path)
+            except Exception:  # noqa: BLE001 - cleanup must not hide the original error
+                logger.warning("could not remove staging folder %s", self.path)
+
+    def publish(self) -> str:
+        """Move the staging folder to its final name, replacing the previous output."""
+        old = join(self.output, STAGING_DIR, f"{self.name}-{self.run_id}-previous")
+        had_previous = self.storage.exists(self.final)
+        if had_previous:
+            self.storage.rename(self.final, old)
+        try:
+            self.storage.rename(self.path, self.final)
+        except Exception:
+            if had_previous:
+                self.storage.rename(old, self.final)
+            raise
+        if had_previous:
+            self.storage.delete(old)
+        logger.info("published %s", self.final)
+        return self.final

@@ -1,0 +1,133 @@
+"""Generated data sets in the original system's text format, with planted structure.
+
+Every query and item belongs to one of ``num_clusters`` clusters (``index %
+num_clusters``); a query's labels and an item's sequence name items of its own
+cluster, and the first numeric and categorical columns carry the cluster, so a model
+can recover it. Used by the tests (small) and the benchmarks (millions of rows).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """Columns of one entity table: numerics, offset categoricals, sequences."""
+
+    num_numeric: int
+    categorical_sizes: tuple[int, ...]
+    num_sequences: int = 0
+    seq_len: int = 10
+
+
+# The original system's item side: 55 numeric, 6 categorical and 1 sequence column.
+SEED_ITEM_SHAPE = TableShape(55, (4, 8, 16, 32, 64, 128), 1, 20)
+SEED_QUERY_SHAPE = TableShape(16, (4, 8, 16), 0)
+
+
+def _cluster_items(rng: np.random.Generator, clusters: np.ndarray, num_items: int,
+                   num_clusters: int, size: tuple[int, int]) -> np.ndarray:  # fmt: skip
+    """Random item indexes of the given clusters (item i is in cluster i % num_clusters)."""
+    assert num_items >= num_clusters, f"{num_items} items cannot fill {num_clusters} clusters"
+    per_cluster = num_items // num_clusters
+    return clusters[:, None] + num_clusters * rng.integers(0, per_cluster, size=size)
+
+
+def entity_frame(rng: np.random.Generator, first: int, count: int, shape: TableShape,
+                 num_items: int, num_clusters: int) -> pd.DataFrame:  # fmt: skip
+    """Rows ``first .. first+count-1`` of an entity table as a DataFrame of text-ready columns."""
+    index = np.arange(first, first + count, dtype=np.int64)
+    clusters = index % num_clusters
+    cols: dict[str, object] = {"index": index}
+    numeric = rng.normal(0.0, 1.0, size=(count, shape.num_numeric)).astype(np.float32)
+    if shape.num_numeric:
+        numeric[:, 0] += 3.0 * np.cos(2 * np.pi * clusters / num_clusters)
+    if shape.num_numeric > 1:
+        numeric[:, 1] += 3.0 * np.sin(2 * np.pi * clusters / num_clusters)
+    for i in range(shape.num_numeric):
+        cols[f"n{i}"] = numeric[:, i]
+    offset = 0
+    for j, size in enumerate(shape.categorical_sizes):
+        values = clusters % size if j == 0 else rng.integers(0, size, size=count)
+        cols[f"c{j}"] = values + offset
+        offset += size
+    for k in range(shape.num_sequences):
+        lengths = rng.integers(1, shape.seq_len + 1, size=count)
+        items = _cluster_items(rng, clusters, num_items, num_clusters, (count, shape.seq_len))
+        cols[f"s{k}"] = [",".join(map(str, row[:n])) for row, n in zip(items, lengths, strict=True)]
+    return pd.DataFrame(cols)
+
+
+def write_entities(path: str, num_rows: int, shape: TableShape, num_items: int,
+                   num_clusters: int, seed: int, chunk_rows: int = 100_000) -> None:  # fmt: skip
+    rng = np.random.default_rng(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for first in range(0, num_rows, chunk_rows):
+            count = min(chunk_rows, num_rows - first)
+            frame = entity_frame(rng, first, count, shape, num_items, num_clusters)
+            frame.to_csv(fh, sep="\t", header=False, index=False, float_format="%.4f")
+
+
+def write_labels(path: str, queries: np.ndarray, num_items: int, num_clusters: int,
+                 rng: np.random.Generator) -> None:  # fmt: skip
+    items = _cluster_items(rng, queries % num_clusters, num_items, num_clusters, (len(queries), 1))
+    pairs = pd.DataFrame({"q": queries, "i": items[:, 0]}).drop_duplicates()
+    pairs.to_csv(path, sep="\t", header=False, index=False)
+
+
+def write_seed_dataset(folder: str, num_queries: int, num_items: int, pairs_per_query: int,
+                       query_shape: TableShape = SEED_QUERY_SHAPE,
+                       item_shape: TableShape = SEED_ITEM_SHAPE, num_clusters: int = 8,
+                       test_pairs_per_query: int = 0, seed: int = 0) -> dict[str, str]:  # fmt: skip
+    """Write queries.txt, items.txt, labels.txt (and test_labels.txt) into ``folder``.
+
+    Returns the paths by table name. Duplicate pairs are removed, and test pairs that
+    repeat a train pair are dropped, so every written label is valid.
+    """
+    os.makedirs(folder, exist_ok=True)
+    paths = {name: os.path.join(folder, f"{name}.txt") for name in ("queries", "items", "labels")}
+    write_entities(paths["queries"], num_queries, query_shape, num_items, num_clusters, seed)
+    write_entities(paths["items"], num_items, item_shape, num_items, num_clusters, seed + 1)
+    rng = np.random.default_rng(seed + 2)
+    queries = np.repeat(np.arange(num_queries, dtype=np.int64), pairs_per_query)
+    write_labels(paths["labels"], queries, num_items, num_clusters, rng)
+    if test_pairs_per_query:
+        paths["test_labels"] = os.path.join(folder, "test_labels.txt")
+        train = pd.read_csv(paths["labels"], sep="\t", header=None, names=["q", "i"])
+        test_q = np.repeat(np.arange(num_queries, dtype=np.int64), test_pairs_per_query)
+        write_labels(paths["test_labels"], test_q, num_items, num_clusters, rng)
+        test = pd.read_csv(paths["test_labels"], sep="\t", header=None, names=["q", "i"])
+        test = test.merge(train, how="left", indicator=True)
+        test = test[test["_merge"] == "left_only"][["q", "i"]]
+        test.to_csv(paths["test_labels"], sep="\t", header=False, index=False)
+    return paths
+
+
+def seed_config(paths: dict[str, str], output: str, query_shape: TableShape,
+                item_shape: TableShape, **prepare) -> dict:  # fmt: skip
+    """A config dict for a data set written by :func:`write_seed_dataset`."""
+
+    def entity(path: str, shape: TableShape) -> dict:
+        return {
+            "path": path,
+            "num_numeric": shape.num_numeric,
+            "categorical_sizes": list(shape.categorical_sizes),
+            "sequences": [{"name": f"seq{k}", "max_len": shape.seq_len}
+                          for k in range(shape.num_sequences)],
+        }  # fmt: skip
+
+    dataset = {
+        "name": "generated",
+        "format": "seed",
+        "queries": entity(paths["queries"], query_shape),
+        "items": entity(paths["items"], item_shape),
+        "labels": {"path": paths["labels"]},
+    }
+    if "test_labels" in paths:
+        dataset["test_labels"] = {"path": paths["test_labels"]}
+    return {"dataset": dataset, "output": output, "prepare": prepare}
