@@ -40,7 +40,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-def main(description: str, run: Callable[[Config], int | None], argv: list[str] | None = None) -> int:
+def main(
+    description: str, run: Callable[[Config], int | None], argv: list[str] | None = None
+) -> int:
     """Parse arguments, load the config and call ``run``; user errors exit with 2."""
     args = parser(description).parse_args(argv)
     setup_logging(args.log_level)

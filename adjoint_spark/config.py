@@ -204,6 +204,111 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
+class TowerConfig:
+    """Widths of one tower; ``feature_dim`` and ``embedding_dim`` are shared (see train)."""
+
+    hidden_dim: int = 64
+    mlp_layers: int = 1
+    use_id: bool = False
+
+    def validate(self, key: str) -> None:
+        if self.hidden_dim < 1:
+            _fail(f"{key}.hidden_dim", self.hidden_dim, "an integer >= 1")
+        if self.mlp_layers < 1:
+            _fail(f"{key}.mlp_layers", self.mlp_layers, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Model, loss, negatives, optimiser and feed. Defaults follow the original system."""
+
+    embedding_dim: int = 32
+    feature_dim: int = 32
+    query: TowerConfig = field(default_factory=lambda: TowerConfig(hidden_dim=128))
+    item: TowerConfig = field(default_factory=lambda: TowerConfig(hidden_dim=64, use_id=True))
+    dropout: float = 0.1
+    pooling: Literal["mean", "max", "attention"] = "mean"
+    final_activation: Literal["tanh", "none"] = "tanh"
+    loss: Literal["hinge", "logistic", "sampled_softmax", "in_batch_softmax"] = "hinge"
+    margin: float = 0.05
+    temperature: float = 0.05
+    learn_temperature: bool = False
+    num_negatives: int = 31
+    num_popular_negatives: int = 16
+    history_leave_one_out: bool = True
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.5
+    lr_step_epochs: int = 10
+    lr_gamma: float = 0.1
+    clip_grad_norm: float = 0.5
+    weight_decay: float = 0.0
+    batch_size: int = 512
+    epochs: int = 20
+    eval_every: int = 1
+    patience: int = 3
+    select_metric: str = "ndcg@10"
+    eval_ks: tuple[int, ...] = (10, 40)
+    feed: Literal["memory", "stream"] = "memory"
+    reader_workers: int = 2
+    threads: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 42
+    log_every: int = 50
+
+    def validate(self) -> None:
+        positive_ints = (
+            "embedding_dim",
+            "feature_dim",
+            "batch_size",
+            "epochs",
+            "eval_every",
+            "reader_workers",
+            "lr_step_epochs",
+            "log_every",
+        )
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                _fail(f"train.{name}", getattr(self, name), "an integer >= 1")
+        self.query.validate("train.query")
+        self.item.validate("train.item")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("train.dropout", self.dropout, "a number in [0, 1)")
+        for name in ("lr", "temperature"):
+            if getattr(self, name) <= 0:
+                _fail(f"train.{name}", getattr(self, name), "a number > 0")
+        for name in ("margin", "clip_grad_norm", "weight_decay"):
+            if getattr(self, name) < 0:
+                _fail(f"train.{name}", getattr(self, name), "a number >= 0 (0 turns it off)")
+        if self.num_negatives < 0 or (self.num_negatives == 0 and self.loss != "in_batch_softmax"):
+            _fail(
+                "train.num_negatives",
+                self.num_negatives,
+                "an integer >= 1 (0 only with loss in_batch_softmax)",
+            )
+        if not 0 <= self.num_popular_negatives <= self.num_negatives:
+            _fail(
+                "train.num_popular_negatives",
+                self.num_popular_negatives,
+                f"an integer in [0, num_negatives={self.num_negatives}]",
+            )
+        if not 0 < self.lr_gamma <= 1:
+            _fail("train.lr_gamma", self.lr_gamma, "a number in (0, 1]")
+        if self.patience < 0 or self.threads < 0:
+            _fail("train.patience/threads", (self.patience, self.threads), "integers >= 0")
+        if not self.eval_ks or min(self.eval_ks) < 1:
+            _fail("train.eval_ks", self.eval_ks, "a non-empty list of integers >= 1")
+        metric, _, k = self.select_metric.partition("@")
+        if metric not in ("precision", "recall", "ndcg", "map", "micro_recall") or (
+            not k.isdigit() or int(k) not in self.eval_ks
+        ):
+            _fail(
+                "train.select_metric",
+                self.select_metric,
+                f"one of precision|recall|ndcg|map|micro_recall @ one of {self.eval_ks}",
+            )
+
+
+@dataclass(frozen=True)
 class SparkSettings:
     """Defaults for the Spark session; spark-submit options take precedence."""
 
@@ -217,6 +322,7 @@ class Config:
     dataset: DatasetConfig
     output: str
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     spark: SparkSettings = field(default_factory=SparkSettings)
 
     def validate(self) -> None:
@@ -224,6 +330,7 @@ class Config:
             _fail("output", self.output, "a folder or URI")
         self.dataset.validate()
         self.prepare.validate()
+        self.train.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -329,8 +436,12 @@ def _join(base: str, path: str) -> str:
     return os.path.normpath(os.path.join(base, path))
 
 
-def load_config(path: str | None = None, overrides: tuple[str, ...] | list[str] = (),
-                data: dict | None = None, base_dir: str | None = None) -> Config:
+def load_config(
+    path: str | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
+    data: dict | None = None,
+    base_dir: str | None = None,
+) -> Config:
     """Load a config from a YAML file (or a dict), apply ``key=value`` overrides, validate.
 
     Relative input paths are taken relative to ``base_dir``: by default the folder that
@@ -353,7 +464,9 @@ def load_config(path: str | None = None, overrides: tuple[str, ...] | list[str] 
         base_dir = os.getcwd()
         if path is not None:
             conf_dir = os.path.dirname(os.path.abspath(path))
-            base_dir = os.path.dirname(conf_dir) if os.path.basename(conf_dir) == "conf" else conf_dir
+            base_dir = (
+                os.path.dirname(conf_dir) if os.path.basename(conf_dir) == "conf" else conf_dir
+            )
     _resolve_paths(data, base_dir)
     if isinstance(data.get("output"), str):
         data["output"] = _join(os.getcwd(), data["output"])

@@ -76,8 +76,7 @@ def top_reasons(frame: DataFrame, limit: int = 3) -> list[str]:
     return [f"{r['count']} x {r['reason']}" for r in rows]
 
 
-def check_table(table: str, frame: DataFrame, files: list[str],
-                counts: dict[str, int]) -> None:  # fmt: skip
+def check_table(table: str, frame: DataFrame, files: list[str], counts: dict[str, int]) -> None:
     """Stop the job when a table is empty or none of its rows is usable."""
     where = files[0] if len(files) == 1 else f"{len(files)} files under {files[0]}"
     if counts["read"] == 0:
@@ -90,16 +89,17 @@ def check_table(table: str, frame: DataFrame, files: list[str],
         )
 
 
-def dense_index(spark: SparkSession, keys: DataFrame, key: str, out: str) -> DataFrame:
-    """Map distinct ``key`` values to 0..n-1 in key order, without one-partition sorts.
+def dense_index(spark: SparkSession, df: DataFrame, order: list[Column], out: str) -> DataFrame:
+    """Add ``out``: each row's position 0..n-1 in ``order``, without a one-partition sort.
 
-    The keys are range-sorted and persisted; per-partition counts give each partition's
-    offset, and the monotonically increasing id gives the position inside it.
+    The rows are range-sorted and persisted; per-partition counts give each partition's
+    offset, and the monotonically increasing id gives the position inside it. ``order``
+    must be a total order (ties would make the positions depend on the partitioning).
     """
     ordered = (
-        keys.select(key)
-        .orderBy(key)
-        .select(key, F.spark_partition_id().alias("_p"), F.monotonically_increasing_id().alias("_m"))
+        df.orderBy(*order)
+        .withColumn("_p", F.spark_partition_id())
+        .withColumn("_m", F.monotonically_increasing_id())
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
     parts = ordered.groupBy("_p").agg(F.count(F.lit(1)).alias("_n"), F.min("_m").alias("_first"))
@@ -108,8 +108,12 @@ def dense_index(spark: SparkSession, keys: DataFrame, key: str, out: str) -> Dat
         offsets.append((int(p["_p"]), int(p["_first"]), start))
         start += int(p["_n"])
     offsets_df = spark.createDataFrame(offsets, "_p int, _first long, _offset long")
-    index = (F.col("_m") - F.col("_first") + F.col("_offset")).cast("int").alias(out)
-    return ordered.join(F.broadcast(offsets_df), "_p").select(key, index)
+    index = (F.col("_m") - F.col("_first") + F.col("_offset")).cast("int")
+    return (
+        ordered.join(F.broadcast(offsets_df), "_p")
+        .withColumn(out, index)
+        .drop("_p", "_m", "_first", "_offset")
+    )
 
 
 def pad(seq: Column, max_len: int) -> Column:
@@ -129,16 +133,21 @@ def attach_indexes(labels: DataFrame, query_map: DataFrame, item_map: DataFrame)
     joined = labels.join(q, "query_key", "left").join(i, "item_key", "left")
     reason = F.coalesce(
         F.col("reason"),
-        F.when(F.col("query_idx").isNull(),
-               F.concat(F.lit("unknown query "), F.col("query_key").cast("string"))),
-        F.when(F.col("item_idx").isNull(),
-               F.concat(F.lit("unknown item "), F.col("item_key").cast("string"))),
-    )  # fmt: skip
+        F.when(
+            F.col("query_idx").isNull(),
+            F.concat(F.lit("unknown query "), F.col("query_key").cast("string")),
+        ),
+        F.when(
+            F.col("item_idx").isNull(),
+            F.concat(F.lit("unknown item "), F.col("item_key").cast("string")),
+        ),
+    )
     return joined.withColumn("reason", reason)
 
 
-def validate_labels(frame: LabelFrame, query_map: DataFrame, item_map: DataFrame,
-                    train: DataFrame | None = None) -> DataFrame:
+def validate_labels(
+    frame: LabelFrame, query_map: DataFrame, item_map: DataFrame, train: DataFrame | None = None
+) -> DataFrame:
     """Labels with unknown ids, duplicate pairs and (test labels) train pairs rejected."""
     df = attach_indexes(frame.frame, query_map, item_map)
     df = mark_duplicates(df, ["query_key", "item_key"], "pair")
@@ -147,9 +156,10 @@ def validate_labels(frame: LabelFrame, query_map: DataFrame, item_map: DataFrame
         df = df.join(seen, ["query_key", "item_key"], "left")
         df = df.withColumn(
             "reason",
-            F.coalesce(F.col("reason"),
-                       F.when(F.col("_in_train"), F.lit("pair is also a train label"))),
-        ).drop("_in_train")  # fmt: skip
+            F.coalesce(
+                F.col("reason"), F.when(F.col("_in_train"), F.lit("pair is also a train label"))
+            ),
+        ).drop("_in_train")
     return df.persist(StorageLevel.MEMORY_AND_DISK)
 
 
@@ -209,16 +219,17 @@ def scaled(column: str, stat: dict, scaling: str) -> Column:
     return value.cast("float")
 
 
-def build_vocab(frame: DataFrame, column: str, min_count: int) -> DataFrame:
+def build_vocab(spark: SparkSession, frame: DataFrame, column: str, min_count: int) -> DataFrame:
     """Ids 1..V for values seen at least ``min_count`` times, most frequent first."""
     counts = frame.groupBy(F.col(column).alias("value")).count()
     counts = counts.where(F.col("value").isNotNull() & (F.col("count") >= min_count))
-    w = Window.orderBy(F.desc("count"), "value")
-    return counts.withColumn("id", F.row_number().over(w).cast("int"))
+    ranked = dense_index(spark, counts, [F.desc("count"), F.col("value")], "_rank")
+    return ranked.withColumn("id", (F.col("_rank") + 1).cast("int")).drop("_rank")
 
 
-def map_sequence(frame: DataFrame, column: str, item_map: DataFrame,
-                 max_len: int) -> tuple[DataFrame, DataFrame]:  # fmt: skip
+def map_sequence(
+    frame: DataFrame, column: str, item_map: DataFrame, max_len: int
+) -> tuple[DataFrame, DataFrame]:
     """Item keys in ``column`` as ``item_idx + 1``, padded; also the unmapped elements.
 
     An element naming an item that is not in the item table is left out of the
@@ -261,8 +272,16 @@ class EncodedTable:
     vocab: DataFrame | None
 
 
-def encode_entities(entity: EntityFrame, accepted: DataFrame, index: DataFrame, role: str,
-                    item_map: DataFrame, train: DataFrame, options: PrepareConfig) -> EncodedTable:
+def encode_entities(
+    spark: SparkSession,
+    entity: EntityFrame,
+    accepted: DataFrame,
+    index: DataFrame,
+    role: str,
+    item_map: DataFrame,
+    train: DataFrame,
+    options: PrepareConfig,
+) -> EncodedTable:
     """Scale numerics, map categoricals to vocabulary ids, map and pad sequences."""
     df = accepted.join(index, "key")
     numeric = list(entity.numeric)
@@ -299,7 +318,7 @@ def encode_entities(entity: EntityFrame, accepted: DataFrame, index: DataFrame, 
 
     vocab_frames, cat_specs, cat_cols = [], [], []
     for j, name in enumerate(entity.categorical):
-        vocab = build_vocab(df, f"c_{j}", options.categorical_min_count).persist()
+        vocab = build_vocab(spark, df, f"c_{j}", options.categorical_min_count).persist()
         size = vocab.count()
         df = df.join(
             F.broadcast(vocab.select(F.col("value").alias(f"c_{j}"), F.col("id").alias(f"v_{j}"))),
@@ -309,17 +328,22 @@ def encode_entities(entity: EntityFrame, accepted: DataFrame, index: DataFrame, 
         cat_cols.append(F.coalesce(F.col(f"v_{j}"), F.lit(0)))
         cat_specs.append({"name": name, "vocab_size": size + 1, "unseen_id": 0})
         vocab_frames.append(
-            vocab.select(F.lit(role).alias("table"), F.lit(name).alias("column"),
-                         "value", "id", "count")
-        )  # fmt: skip
+            vocab.select(
+                F.lit(role).alias("table"), F.lit(name).alias("column"), "value", "id", "count"
+            )
+        )
 
     id_name, idx_name = f"{role}_id", f"{role}_idx"
     out = [F.col("key").alias(id_name), F.col(idx_name)]
     if num_cols:
         out.append(
-            F.array(*[scaled(c, s, options.numeric_scaling) for c, s in zip(num_cols, stats, strict=True)])
-            .alias("num")
-        )  # fmt: skip
+            F.array(
+                *[
+                    scaled(c, s, options.numeric_scaling)
+                    for c, s in zip(num_cols, stats, strict=True)
+                ]
+            ).alias("num")
+        )
     if cat_cols:
         out.append(F.array(*cat_cols).alias("cat"))
     for col, seq in zip(seq_cols, sequences, strict=True):
@@ -333,10 +357,15 @@ def encode_entities(entity: EntityFrame, accepted: DataFrame, index: DataFrame, 
         "numeric_scaling": options.numeric_scaling,
         "categorical": cat_specs,
         "sequences": [
-            {"name": s.name, "column": f"seq_{s.name}", "max_len": s.max_len, "source": src,
-             "unknown_items": n}
+            {
+                "name": s.name,
+                "column": f"seq_{s.name}",
+                "max_len": s.max_len,
+                "source": src,
+                "unknown_items": n,
+            }
             for s, src, n in zip(sequences, sources, unknown_counts, strict=True)
-        ],  # fmt: skip
+        ],
     }
     vocab_all = None
     for v in vocab_frames:
@@ -384,22 +413,41 @@ def run_prepare(spark: SparkSession, config: Config, timer: Timer | None = None)
                     logger.info("%s: %s", entity.table, tables[entity.table])
                 queries_ok = keep(raw.queries.frame.where(F.col("reason").isNull()))
                 items_ok = keep(raw.items.frame.where(F.col("reason").isNull()))
-                query_map = keep(dense_index(spark, queries_ok, "key", "query_idx"))
-                item_map = keep(dense_index(spark, items_ok, "key", "item_idx"))
+                query_map = keep(
+                    dense_index(spark, queries_ok.select("key"), [F.col("key")], "query_idx")
+                )
+                item_map = keep(
+                    dense_index(spark, items_ok.select("key"), [F.col("key")], "item_idx")
+                )
 
             with timer.phase("check and split labels"):
-                labels, train, test, split = _labels_and_split(raw, query_map, item_map, options,
-                                                               tables, keep)  # fmt: skip
+                labels, train, test, split = _labels_and_split(
+                    raw, query_map, item_map, options, tables, keep
+                )
 
             with timer.phase("encode features"):
-                q = encode_entities(raw.queries, queries_ok, query_map, "query", item_map,
-                                    train, options)  # fmt: skip
-                i = encode_entities(raw.items, items_ok, item_map, "item", item_map, train,
-                                    options)  # fmt: skip
+                q = encode_entities(
+                    spark, raw.queries, queries_ok, query_map, "query", item_map, train, options
+                )
+                i = encode_entities(
+                    spark, raw.items, items_ok, item_map, "item", item_map, train, options
+                )
 
             with timer.phase("write"), Staging(storage, config.output, "prepared") as stage:
-                manifest = _write(spark, storage, stage.path, config, raw, q, i, train, test,
-                                  labels, tables, split)  # fmt: skip
+                manifest = _write(
+                    spark,
+                    storage,
+                    stage.path,
+                    config,
+                    raw,
+                    q,
+                    i,
+                    train,
+                    test,
+                    labels,
+                    tables,
+                    split,
+                )
                 stage.publish()
         return PrepareResult(join(config.output, "prepared"), manifest)
     finally:
@@ -475,12 +523,15 @@ def _write(spark, storage, path, config, raw, q, i, train, test, labels, tables,
         "item_vocab_size": outputs["items"]["rows"] + 1,
         "padding_id": 0,
         "features": {"queries": q.spec, "items": i.spec},
-        "split": {**split, "num_train": outputs["train_pairs"]["rows"],
-                  "num_test": outputs["test_pairs"]["rows"]},
+        "split": {
+            **split,
+            "num_train": outputs["train_pairs"]["rows"],
+            "num_test": outputs["test_pairs"]["rows"],
+        },
         "outputs": outputs,
         "inputs": _fingerprints(storage, files),
         "config": config.to_dict(),
-    }  # fmt: skip
+    }
     storage.write_json(join(path, "manifest.json"), manifest)
     return manifest
 

@@ -30,10 +30,26 @@ logger = logging.getLogger(__name__)
 
 DELIMITERS = {"auto": "[\\t\\x1b]", "tab": "\\t", "esc": "\\x1b", "comma": ","}
 MOVIELENS_GENRES = (
-    "unknown", "action", "adventure", "animation", "children", "comedy", "crime",
-    "documentary", "drama", "fantasy", "film_noir", "horror", "musical", "mystery",
-    "romance", "sci_fi", "thriller", "war", "western",
-)  # fmt: skip
+    "unknown",
+    "action",
+    "adventure",
+    "animation",
+    "children",
+    "comedy",
+    "crime",
+    "documentary",
+    "drama",
+    "fantasy",
+    "film_noir",
+    "horror",
+    "musical",
+    "mystery",
+    "romance",
+    "sci_fi",
+    "thriller",
+    "war",
+    "western",
+)
 
 
 class PrepareError(RuntimeError):
@@ -176,11 +192,15 @@ def numeric_checks(name: str, raw: Column, allow_missing: bool) -> list[tuple[Co
     if not allow_missing:
         checks.append((_blank(raw), F.lit(f"{label} is empty")))
     checks += [
-        (~_blank(raw) & parsed.isNull(),
-         F.concat(F.lit(f"{label}: "), _quoted(raw), F.lit(" is not a number"))),
-        (F.isnan(parsed) | (F.abs(parsed) == float("inf")),
-         F.concat(F.lit(f"{label}: "), _quoted(raw), F.lit(" is NaN or infinite"))),
-    ]  # fmt: skip
+        (
+            ~_blank(raw) & parsed.isNull(),
+            F.concat(F.lit(f"{label}: "), _quoted(raw), F.lit(" is not a number")),
+        ),
+        (
+            F.isnan(parsed) | (F.abs(parsed) == float("inf")),
+            F.concat(F.lit(f"{label}: "), _quoted(raw), F.lit(" is NaN or infinite")),
+        ),
+    ]
     return checks
 
 
@@ -189,12 +209,16 @@ def categorical_checks(name: str, raw: Column, lo: int, hi: int) -> list[tuple[C
     parsed = F.trim(raw).try_cast("long")
     label = f"categorical column {name}"
     return [
-        (parsed.isNull(),
-         F.concat(F.lit(f"{label}: "), _quoted(raw), F.lit(" is not an integer"))),
-        ((parsed < lo) | (parsed >= hi),
-         F.concat(F.lit(f"{label}: "), parsed.cast("string"),
-                  F.lit(f" is outside its range [{lo}, {hi})"))),
-    ]  # fmt: skip
+        (parsed.isNull(), F.concat(F.lit(f"{label}: "), _quoted(raw), F.lit(" is not an integer"))),
+        (
+            (parsed < lo) | (parsed >= hi),
+            F.concat(
+                F.lit(f"{label}: "),
+                parsed.cast("string"),
+                F.lit(f" is outside its range [{lo}, {hi})"),
+            ),
+        ),
+    ]
 
 
 def parse_sequence(raw: Column) -> Column:
@@ -209,9 +233,13 @@ def sequence_checks(name: str, raw: Column, allow_empty: bool) -> list[tuple[Col
         checks.append((_blank(raw), F.lit(f"{label} is empty")))
     bad = F.exists(parse_sequence(raw), lambda x: x.isNull() | (x < 0))
     checks.append(
-        (~_blank(raw) & bad,
-         F.concat(F.lit(f"{label}: "), _quoted(raw), F.lit(" holds a non-integer or negative item")))
-    )  # fmt: skip
+        (
+            ~_blank(raw) & bad,
+            F.concat(
+                F.lit(f"{label}: "), _quoted(raw), F.lit(" holds a non-integer or negative item")
+            ),
+        )
+    )
     return checks
 
 
@@ -222,9 +250,14 @@ def mark_duplicates(df: DataFrame, keys: list[str], what: str) -> DataFrame:
     key_text = F.concat_ws(", ", *[F.col(k).cast("string") for k in keys])
     reason = F.when(
         F.col("reason").isNull() & (F.row_number().over(w) > 1),
-        F.concat(F.lit(f"duplicate {what} "), key_text, F.lit(" (first at row "),
-                 first.cast("string"), F.lit(")")),
-    ).otherwise(F.col("reason"))  # fmt: skip
+        F.concat(
+            F.lit(f"duplicate {what} "),
+            key_text,
+            F.lit(" (first at row "),
+            first.cast("string"),
+            F.lit(")"),
+        ),
+    ).otherwise(F.col("reason"))
     return df.withColumn("reason", reason)
 
 
@@ -242,8 +275,9 @@ class EntityLayout:
     structure: list[tuple[Column, Column | str]] = field(default_factory=list)
 
 
-def parse_entities(table: str, df: DataFrame, layout: EntityLayout, options: PrepareConfig,
-                   files: list[str]) -> EntityFrame:
+def parse_entities(
+    table: str, df: DataFrame, layout: EntityLayout, options: PrepareConfig, files: list[str]
+) -> EntityFrame:
     """Apply the layout's checks and parse its fields into the entity frame's shape."""
     allow_missing = options.numeric_missing == "impute"
     checks = list(layout.structure) + key_checks(layout.key, "index")
@@ -256,10 +290,12 @@ def parse_entities(table: str, df: DataFrame, layout: EntityLayout, options: Pre
         checks += sequence_checks(seq.name, raw, options.empty_sequence == "allow")
 
     columns = [
-        "source", "row", "raw",
+        "source",
+        "row",
+        "raw",
         first_reason(checks).alias("reason"),
         F.trim(layout.key).try_cast("long").alias("key"),
-    ]  # fmt: skip
+    ]
     for i, (_, raw) in enumerate(layout.numeric):
         columns.append(F.trim(raw).try_cast("double").alias(f"n_{i}"))
     for j, (_, raw, bounds) in enumerate(layout.categorical):
@@ -347,8 +383,14 @@ def table_entity_layout(source: EntitySource, df: DataFrame, table: str) -> Enti
     )
 
 
-def read_entities(spark: SparkSession, storage: Storage, table: str, source: EntitySource,
-                  dataset: DatasetConfig, options: PrepareConfig) -> EntityFrame:
+def read_entities(
+    spark: SparkSession,
+    storage: Storage,
+    table: str,
+    source: EntitySource,
+    dataset: DatasetConfig,
+    options: PrepareConfig,
+) -> EntityFrame:
     files = list_input(storage, table, source.path)
     if source.file_format == "text":
         lines = read_lines(spark, files)
@@ -363,27 +405,39 @@ def read_entities(spark: SparkSession, storage: Storage, table: str, source: Ent
 # ---------------------------------------------------------------------------- labels
 
 
-def parse_labels(table: str, df: DataFrame, query: Column, item: Column, ts: Column | None,
-                 structure: list, files: list[str]) -> LabelFrame:
+def parse_labels(
+    table: str,
+    df: DataFrame,
+    query: Column,
+    item: Column,
+    ts: Column | None,
+    structure: list,
+    files: list[str],
+) -> LabelFrame:
     checks = list(structure) + key_checks(query, "query index") + key_checks(item, "item index")
     if ts is not None:
         checks.append(
-            (~_blank(ts) & F.trim(ts).try_cast("long").isNull(),
-             F.concat(F.lit("timestamp "), _quoted(ts), F.lit(" is not an integer")))
-        )  # fmt: skip
+            (
+                ~_blank(ts) & F.trim(ts).try_cast("long").isNull(),
+                F.concat(F.lit("timestamp "), _quoted(ts), F.lit(" is not an integer")),
+            )
+        )
     ts_value = F.trim(ts).try_cast("long") if ts is not None else F.lit(None).cast("long")
     parsed = df.select(
-        "source", "row", "raw",
+        "source",
+        "row",
+        "raw",
         first_reason(checks).alias("reason"),
         F.trim(query).try_cast("long").alias("query_key"),
         F.trim(item).try_cast("long").alias("item_key"),
         ts_value.alias("ts"),
-    )  # fmt: skip
+    )
     return LabelFrame(table, parsed, files)
 
 
-def read_labels(spark: SparkSession, storage: Storage, table: str, source: LabelSource,
-                dataset: DatasetConfig) -> LabelFrame:
+def read_labels(
+    spark: SparkSession, storage: Storage, table: str, source: LabelSource, dataset: DatasetConfig
+) -> LabelFrame:
     files = list_input(storage, table, source.path)
     if source.file_format == "text":
         lines = read_lines(spark, files)
@@ -391,23 +445,34 @@ def read_labels(spark: SparkSession, storage: Storage, table: str, source: Label
         expected = 3 if source.timestamp else 2
         structure = [blank_line_check(F.col("raw")), field_count_check(fields, expected)]
         ts = _field(fields, 2) if source.timestamp else None
-        return parse_labels(table, lines, _field(fields, 0), _field(fields, 1), ts, structure,
-                            files)  # fmt: skip
+        return parse_labels(
+            table, lines, _field(fields, 0), _field(fields, 1), ts, structure, files
+        )
     df = read_table(spark, files, source.file_format)
     wanted = [source.query_key, source.item_key] + ([source.timestamp] if source.timestamp else [])
     missing = [c for c in wanted if c not in df.columns]
     if missing:
-        raise PrepareError(f"{table}: {source.path} has no column(s) {missing}; it has {df.columns}")
+        raise PrepareError(
+            f"{table}: {source.path} has no column(s) {missing}; it has {df.columns}"
+        )
     ts = F.col(f"`{source.timestamp}`").cast("string") if source.timestamp else None
-    return parse_labels(table, df, F.col(f"`{source.query_key}`").cast("string"),
-                        F.col(f"`{source.item_key}`").cast("string"), ts, [], files)  # fmt: skip
+    return parse_labels(
+        table,
+        df,
+        F.col(f"`{source.query_key}`").cast("string"),
+        F.col(f"`{source.item_key}`").cast("string"),
+        ts,
+        [],
+        files,
+    )
 
 
 # ---------------------------------------------------------------------------- MovieLens
 
 
-def read_movielens(spark: SparkSession, storage: Storage, dataset: DatasetConfig,
-                   options: PrepareConfig) -> RawDataset:
+def read_movielens(
+    spark: SparkSession, storage: Storage, dataset: DatasetConfig, options: PrepareConfig
+) -> RawDataset:
     """MovieLens-100K's raw files: u.user (queries), u.item (items), u.data (labels).
 
     Users: age (numeric); gender, occupation and the first ``zip_prefix_len``
@@ -425,12 +490,15 @@ def read_movielens(spark: SparkSession, storage: Storage, dataset: DatasetConfig
         categorical=[
             ("gender", _field(f, 2), None),
             ("occupation", _field(f, 3), None),
-            ("zip_prefix", F.substring(F.upper(F.trim(_field(f, 4))), 1, dataset.zip_prefix_len),
-             None),
+            (
+                "zip_prefix",
+                F.substring(F.upper(F.trim(_field(f, 4))), 1, dataset.zip_prefix_len),
+                None,
+            ),
         ],
         sequences=[],
         structure=[blank_line_check(F.col("raw")), field_count_check(f, 5)],
-    )  # fmt: skip
+    )
     queries = parse_entities("queries", users, user_layout, options, user_files)
 
     item_files = list_input(storage, "items", f"{base}/u.item")
@@ -451,13 +519,15 @@ def read_movielens(spark: SparkSession, storage: Storage, dataset: DatasetConfig
     ratings = read_lines(spark, label_files)
     g = F.split(F.col("raw"), "\\t", -1)
     structure = [blank_line_check(F.col("raw")), field_count_check(g, 4)]
-    labels = parse_labels("labels", ratings, _field(g, 0), _field(g, 1), _field(g, 3), structure,
-                          label_files)  # fmt: skip
+    labels = parse_labels(
+        "labels", ratings, _field(g, 0), _field(g, 1), _field(g, 3), structure, label_files
+    )
     return RawDataset(queries, items, labels, None)
 
 
-def read_dataset(spark: SparkSession, storage: Storage, dataset: DatasetConfig,
-                 options: PrepareConfig) -> RawDataset:
+def read_dataset(
+    spark: SparkSession, storage: Storage, dataset: DatasetConfig, options: PrepareConfig
+) -> RawDataset:
     """Read and check every input table of the data set (lazily; nothing runs yet)."""
     if dataset.format == "movielens":
         return read_movielens(spark, storage, dataset, options)

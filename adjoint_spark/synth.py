@@ -30,16 +30,27 @@ SEED_ITEM_SHAPE = TableShape(55, (4, 8, 16, 32, 64, 128), 1, 20)
 SEED_QUERY_SHAPE = TableShape(16, (4, 8, 16), 0)
 
 
-def _cluster_items(rng: np.random.Generator, clusters: np.ndarray, num_items: int,
-                   num_clusters: int, size: tuple[int, int]) -> np.ndarray:  # fmt: skip
+def _cluster_items(
+    rng: np.random.Generator,
+    clusters: np.ndarray,
+    num_items: int,
+    num_clusters: int,
+    size: tuple[int, int],
+) -> np.ndarray:
     """Random item indexes of the given clusters (item i is in cluster i % num_clusters)."""
     assert num_items >= num_clusters, f"{num_items} items cannot fill {num_clusters} clusters"
     per_cluster = num_items // num_clusters
     return clusters[:, None] + num_clusters * rng.integers(0, per_cluster, size=size)
 
 
-def entity_frame(rng: np.random.Generator, first: int, count: int, shape: TableShape,
-                 num_items: int, num_clusters: int) -> pd.DataFrame:  # fmt: skip
+def entity_frame(
+    rng: np.random.Generator,
+    first: int,
+    count: int,
+    shape: TableShape,
+    num_items: int,
+    num_clusters: int,
+) -> pd.DataFrame:
     """Rows ``first .. first+count-1`` of an entity table as a DataFrame of text-ready columns."""
     index = np.arange(first, first + count, dtype=np.int64)
     clusters = index % num_clusters
@@ -63,8 +74,15 @@ def entity_frame(rng: np.random.Generator, first: int, count: int, shape: TableS
     return pd.DataFrame(cols)
 
 
-def write_entities(path: str, num_rows: int, shape: TableShape, num_items: int,
-                   num_clusters: int, seed: int, chunk_rows: int = 100_000) -> None:  # fmt: skip
+def write_entities(
+    path: str,
+    num_rows: int,
+    shape: TableShape,
+    num_items: int,
+    num_clusters: int,
+    seed: int,
+    chunk_rows: int = 100_000,
+) -> None:
     rng = np.random.default_rng(seed)
     with open(path, "w", encoding="utf-8") as fh:
         for first in range(0, num_rows, chunk_rows):
@@ -73,17 +91,25 @@ def write_entities(path: str, num_rows: int, shape: TableShape, num_items: int,
             frame.to_csv(fh, sep="\t", header=False, index=False, float_format="%.4f")
 
 
-def write_labels(path: str, queries: np.ndarray, num_items: int, num_clusters: int,
-                 rng: np.random.Generator) -> None:  # fmt: skip
+def write_labels(
+    path: str, queries: np.ndarray, num_items: int, num_clusters: int, rng: np.random.Generator
+) -> None:
     items = _cluster_items(rng, queries % num_clusters, num_items, num_clusters, (len(queries), 1))
     pairs = pd.DataFrame({"q": queries, "i": items[:, 0]}).drop_duplicates()
     pairs.to_csv(path, sep="\t", header=False, index=False)
 
 
-def write_seed_dataset(folder: str, num_queries: int, num_items: int, pairs_per_query: int,
-                       query_shape: TableShape = SEED_QUERY_SHAPE,
-                       item_shape: TableShape = SEED_ITEM_SHAPE, num_clusters: int = 8,
-                       test_pairs_per_query: int = 0, seed: int = 0) -> dict[str, str]:  # fmt: skip
+def write_seed_dataset(
+    folder: str,
+    num_queries: int,
+    num_items: int,
+    pairs_per_query: int,
+    query_shape: TableShape = SEED_QUERY_SHAPE,
+    item_shape: TableShape = SEED_ITEM_SHAPE,
+    num_clusters: int = 8,
+    test_pairs_per_query: int = 0,
+    seed: int = 0,
+) -> dict[str, str]:
     """Write queries.txt, items.txt, labels.txt (and test_labels.txt) into ``folder``.
 
     Returns the paths by table name. Duplicate pairs are removed, and test pairs that
@@ -108,8 +134,9 @@ def write_seed_dataset(folder: str, num_queries: int, num_items: int, pairs_per_
     return paths
 
 
-def seed_config(paths: dict[str, str], output: str, query_shape: TableShape,
-                item_shape: TableShape, **prepare) -> dict:  # fmt: skip
+def seed_config(
+    paths: dict[str, str], output: str, query_shape: TableShape, item_shape: TableShape, **prepare
+) -> dict:
     """A config dict for a data set written by :func:`write_seed_dataset`."""
 
     def entity(path: str, shape: TableShape) -> dict:
@@ -117,9 +144,10 @@ def seed_config(paths: dict[str, str], output: str, query_shape: TableShape,
             "path": path,
             "num_numeric": shape.num_numeric,
             "categorical_sizes": list(shape.categorical_sizes),
-            "sequences": [{"name": f"seq{k}", "max_len": shape.seq_len}
-                          for k in range(shape.num_sequences)],
-        }  # fmt: skip
+            "sequences": [
+                {"name": f"seq{k}", "max_len": shape.seq_len} for k in range(shape.num_sequences)
+            ],
+        }
 
     dataset = {
         "name": "generated",

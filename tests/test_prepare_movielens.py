@@ -63,8 +63,11 @@ def test_features_and_spec(movielens):
     result, tables = movielens
     spec = result.manifest["features"]
     assert [n["name"] for n in spec["queries"]["numeric"]] == ["age", "log_train_count"]
-    assert [c["name"] for c in spec["queries"]["categorical"]] == ["gender", "occupation",
-                                                                  "zip_prefix"]  # fmt: skip
+    assert [c["name"] for c in spec["queries"]["categorical"]] == [
+        "gender",
+        "occupation",
+        "zip_prefix",
+    ]
     assert spec["queries"]["categorical"][0]["vocab_size"] == 3  # M, F and unseen
     assert spec["queries"]["categorical"][1]["vocab_size"] == 22  # 21 occupations
     items = spec["items"]["numeric"]

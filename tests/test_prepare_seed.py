@@ -58,8 +58,21 @@ ITEM_REJECTS = {
     6: "numeric column num_0: '1e400' is NaN or infinite",
     7: "expected 4 fields, found 5",
 }
-LABELS = ["0\t0", "0\t1", "1\t0", "1\t2", "9\t7", "9\t1", "0\t0", "2\t0", "1\t42", "x\t1", "1", "",
-          "9\t0"]  # fmt: skip
+LABELS = [
+    "0\t0",
+    "0\t1",
+    "1\t0",
+    "1\t2",
+    "9\t7",
+    "9\t1",
+    "0\t0",
+    "2\t0",
+    "1\t42",
+    "x\t1",
+    "1",
+    "",
+    "9\t0",
+]
 LABEL_REJECTS = {
     7: "duplicate pair 0, 0 (first at row 1)",
     8: "unknown query 2",
@@ -80,8 +93,12 @@ def write_lines(path, lines):
 def seed_files(folder, queries=QUERIES, items=ITEMS, labels=LABELS, test_labels=TEST_LABELS):
     os.makedirs(folder, exist_ok=True)
     paths = {}
-    for name, lines in [("queries", queries), ("items", items), ("labels", labels),
-                        ("test_labels", test_labels)]:  # fmt: skip
+    for name, lines in [
+        ("queries", queries),
+        ("items", items),
+        ("labels", labels),
+        ("test_labels", test_labels),
+    ]:
         paths[name] = os.path.join(folder, f"{name}.txt")
         write_lines(paths[name], lines)
     return paths
@@ -92,16 +109,23 @@ def seed_config(paths, output, query_numeric=2, **prepare):
         "dataset": {
             "name": "bad-rows",
             "format": "seed",
-            "queries": {"path": paths["queries"], "num_numeric": query_numeric,
-                        "categorical_sizes": [2, 3]},
-            "items": {"path": paths["items"], "num_numeric": 1, "categorical_sizes": [3],
-                      "sequences": [{"name": "rel", "max_len": 3}]},
+            "queries": {
+                "path": paths["queries"],
+                "num_numeric": query_numeric,
+                "categorical_sizes": [2, 3],
+            },
+            "items": {
+                "path": paths["items"],
+                "num_numeric": 1,
+                "categorical_sizes": [3],
+                "sequences": [{"name": "rel", "max_len": 3}],
+            },
             "labels": {"path": paths["labels"]},
             "test_labels": {"path": paths["test_labels"]},
         },
         "output": output,
         "prepare": {"num_partitions": 2, **prepare},
-    }  # fmt: skip
+    }
     return load_config(data=data)
 
 
@@ -134,9 +158,13 @@ def test_counts_add_up_exactly(prepared):
 
 @pytest.mark.parametrize(
     ("table", "expected"),
-    [("queries", QUERY_REJECTS), ("items", ITEM_REJECTS), ("labels", LABEL_REJECTS),
-     ("test_labels", TEST_LABEL_REJECTS)],
-)  # fmt: skip
+    [
+        ("queries", QUERY_REJECTS),
+        ("items", ITEM_REJECTS),
+        ("labels", LABEL_REJECTS),
+        ("test_labels", TEST_LABEL_REJECTS),
+    ],
+)
 def test_every_reject_has_its_row_and_reason(prepared, table, expected):
     result, paths = prepared
     rejects = read(result, "rejects")
@@ -169,7 +197,14 @@ def test_encoding_of_accepted_rows(prepared):
 
     train = read(result, "train_pairs")
     assert sorted(zip(train["query_id"], train["item_id"], strict=True)) == [
-        (0, 0), (0, 1), (1, 0), (1, 2), (9, 0), (9, 1), (9, 7)]  # fmt: skip
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 2),
+        (9, 0),
+        (9, 1),
+        (9, 7),
+    ]
     test = read(result, "test_pairs")
     assert sorted(zip(test["query_id"], test["item_id"], strict=True)) == [(0, 2), (1, 1), (9, 2)]
     assert set(test["item_idx"]) == {1, 2}
@@ -180,7 +215,11 @@ def test_manifest_describes_inputs_and_features(prepared):
     m = result.manifest
     assert m["num_queries"] == 3 and m["num_items"] == 4 and m["item_vocab_size"] == 5
     assert {os.path.basename(i["path"]) for i in m["inputs"]} == {
-        "queries.txt", "items.txt", "labels.txt", "test_labels.txt"}  # fmt: skip
+        "queries.txt",
+        "items.txt",
+        "labels.txt",
+        "test_labels.txt",
+    }
     assert all(len(i["sha256_head_tail"]) == 64 and i["bytes"] > 0 for i in m["inputs"])
     cats = m["features"]["queries"]["categorical"]
     assert [(c["name"], c["vocab_size"]) for c in cats] == [("cat_0", 3), ("cat_1", 4)]

@@ -12,32 +12,61 @@ from adjoint_spark.prepare import run_prepare
 
 def _config(folder, fmt, out):
     ext = "parquet" if fmt == "parquet" else "csv"
-    return load_config(data={
-        "dataset": {
-            "name": f"tables-{fmt}",
-            "format": "table",
-            "queries": {"path": f"{folder}/users.{ext}", "file_format": fmt, "key": "user",
-                        "numeric": ["age"], "categorical": ["city"]},
-            "items": {"path": f"{folder}/products.{ext}", "file_format": fmt, "key": "sku",
-                      "numeric": ["price"], "categorical": ["brand"],
-                      "sequences": [{"name": "bought_with", "column": "bw", "max_len": 2}]},
-            "labels": {"path": f"{folder}/orders.{ext}", "file_format": fmt,
-                       "query_key": "user", "item_key": "sku", "timestamp": "t"},
-        },
-        "output": out,
-        "prepare": {"num_partitions": 1, "split": {"test_fraction": 0.5, "seed": 1}},
-    })  # fmt: skip
+    return load_config(
+        data={
+            "dataset": {
+                "name": f"tables-{fmt}",
+                "format": "table",
+                "queries": {
+                    "path": f"{folder}/users.{ext}",
+                    "file_format": fmt,
+                    "key": "user",
+                    "numeric": ["age"],
+                    "categorical": ["city"],
+                },
+                "items": {
+                    "path": f"{folder}/products.{ext}",
+                    "file_format": fmt,
+                    "key": "sku",
+                    "numeric": ["price"],
+                    "categorical": ["brand"],
+                    "sequences": [{"name": "bought_with", "column": "bw", "max_len": 2}],
+                },
+                "labels": {
+                    "path": f"{folder}/orders.{ext}",
+                    "file_format": fmt,
+                    "query_key": "user",
+                    "item_key": "sku",
+                    "timestamp": "t",
+                },
+            },
+            "output": out,
+            "prepare": {"num_partitions": 1, "split": {"test_fraction": 0.5, "seed": 1}},
+        }
+    )
 
 
 def _write(folder, fmt):
     os.makedirs(folder, exist_ok=True)
-    users = pd.DataFrame({"user": [10, 11, 12, 13], "age": [30.0, None, 50.0, 20.0],
-                          "city": ["a", "b", "a", None]})  # fmt: skip
+    users = pd.DataFrame(
+        {"user": [10, 11, 12, 13], "age": [30.0, None, 50.0, 20.0], "city": ["a", "b", "a", None]}
+    )
     bw = [[101], [100, 102], [], [100, 101, 102]]
-    products = pd.DataFrame({"sku": [100, 101, 102, 103], "price": [1.0, 2.0, 3.0, 4.0],
-                             "brand": ["x", "y", "x", "z"], "bw": bw})  # fmt: skip
-    orders = pd.DataFrame({"user": [10, 10, 11, 11, 12, 12, 99], "sku": [100, 101, 101, 102, 100,
-                           103, 100], "t": [1, 2, 3, 4, 5, 6, 7]})  # fmt: skip
+    products = pd.DataFrame(
+        {
+            "sku": [100, 101, 102, 103],
+            "price": [1.0, 2.0, 3.0, 4.0],
+            "brand": ["x", "y", "x", "z"],
+            "bw": bw,
+        }
+    )
+    orders = pd.DataFrame(
+        {
+            "user": [10, 10, 11, 11, 12, 12, 99],
+            "sku": [100, 101, 101, 102, 100, 103, 100],
+            "t": [1, 2, 3, 4, 5, 6, 7],
+        }
+    )
     if fmt == "parquet":
         users.to_parquet(f"{folder}/users.parquet")
         products.to_parquet(f"{folder}/products.parquet")
@@ -57,8 +86,9 @@ def _check(result):
     assert tables["items"] == {"read": 4, "accepted": 3, "rejected": 1}
     assert tables["labels"] == {"read": 7, "accepted": 4, "rejected": 3}
     rejects = pd.read_parquet(os.path.join(result.path, "rejects"))
-    reasons = dict(zip(zip(rejects["table"], rejects["row"], strict=True), rejects["reason"],
-                       strict=True))  # fmt: skip
+    reasons = dict(
+        zip(zip(rejects["table"], rejects["row"], strict=True), rejects["reason"], strict=True)
+    )
     assert reasons[("queries", 2)] == "numeric column age is empty"
     assert reasons[("items", 3)] == "sequence column bought_with is empty"
     assert reasons[("labels", 3)] == "unknown query 11"

@@ -1,0 +1,249 @@
+"""Training batches from the prepared Parquet, read through Petastorm.
+
+A :class:`TrainBatch` holds the features of B queries, of the U distinct items among
+their positives and negatives, and the positions of each row's positive and negatives
+among those U items, so the item tower runs once per distinct item.
+
+The ``memory`` feed reads the query, item and pair tables once (Petastorm, several
+reader threads) into tensors and draws each epoch's order and negatives on the driver.
+The ``stream`` feed (:mod:`adjoint_spark.stream`) has Spark write each epoch's examples
+with their features and reads them back in order; both build batches with
+:func:`assemble_batch` from the same draws, so they give the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from adjoint_spark.sampling import NegativeSpec, PairSet, draw_negatives, epoch_order
+from adjoint_spark.storage import to_uri
+
+logger = logging.getLogger(__name__)
+
+
+def read_parquet_columns(
+    path: str, columns: list[str] | None = None, workers: int = 2
+) -> dict[str, np.ndarray]:
+    """Read a Parquet folder through Petastorm's batch reader into NumPy columns.
+
+    List columns (fixed length, padded by the prepare job) come back as 2-D arrays.
+    The row order follows the reader threads and is not stable: callers sort.
+    """
+    from petastorm import make_batch_reader
+
+    chunks: dict[str, list[np.ndarray]] = {}
+    with warnings.catch_warnings():
+        # Petastorm 0.12 uses pyarrow's legacy dataset API and warns on every call;
+        # drop this filter when Petastorm moves to pyarrow.dataset.
+        warnings.simplefilter("ignore", FutureWarning)
+        with make_batch_reader(
+            to_uri(path),
+            num_epochs=1,
+            workers_count=workers,
+            reader_pool_type="thread",
+            shuffle_row_groups=False,
+            schema_fields=columns,
+        ) as reader:
+            for batch in reader:
+                for name, values in batch._asdict().items():
+                    chunks.setdefault(name, []).append(np.asarray(values))
+    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+
+@dataclass
+class FeatureTable:
+    """The features of all queries or all items, row ``k`` holding entity index ``k``."""
+
+    columns: dict[str, Tensor]
+
+    @staticmethod
+    def from_columns(
+        data: dict[str, np.ndarray], idx_column: str, num_rows: int, feature_columns: list[str]
+    ) -> FeatureTable:
+        idx = data[idx_column].astype(np.int64)
+        if len(idx) != num_rows or not np.array_equal(np.sort(idx), np.arange(num_rows)):
+            raise ValueError(
+                f"{idx_column} does not cover 0..{num_rows - 1} exactly once "
+                f"({len(idx)} rows read): the prepared data do not match the manifest"
+            )
+        order = np.argsort(idx)
+        cols = {"idx": torch.from_numpy(idx[order])}
+        for name in feature_columns:
+            values = data[name][order]
+            dtype = torch.float32 if name == "num" else torch.int64
+            cols[name] = torch.as_tensor(np.ascontiguousarray(values)).to(dtype)
+        return FeatureTable(cols)
+
+    def gather(self, index: Tensor) -> dict[str, Tensor]:
+        return {name: col[index] for name, col in self.columns.items()}
+
+    def __len__(self) -> int:
+        return len(self.columns["idx"])
+
+
+@dataclass
+class TrainBatch:
+    """One training step's inputs.
+
+    Attributes:
+        query: features of the B queries (``idx`` included).
+        items: features of the U distinct items among positives and valid negatives.
+        pos: (B,) positions of each row's positive in ``items``.
+        neg: (B, N) positions of each row's negatives in ``items`` (0 where invalid).
+        neg_valid: (B, N) False where no negative could be drawn.
+    """
+
+    query: dict[str, Tensor]
+    items: dict[str, Tensor]
+    pos: Tensor
+    neg: Tensor
+    neg_valid: Tensor
+
+    def to(self, device: torch.device) -> TrainBatch:
+        move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
+        return TrainBatch(
+            move(self.query),
+            move(self.items),
+            self.pos.to(device),
+            self.neg.to(device),
+            self.neg_valid.to(device),
+        )
+
+
+def leave_one_out(query: dict[str, Tensor], columns: list[str], pos_item: Tensor) -> None:
+    """Remove each row's positive item from its history sequences, in place.
+
+    A history built from train pairs holds the very item the row is trained to find;
+    left in, the model would learn to copy it.
+    """
+    for column in columns:
+        seq = query[column]
+        query[column] = seq.masked_fill(seq == (pos_item + 1).unsqueeze(1), 0)
+
+
+def assemble_batch(
+    query: dict[str, Tensor],
+    pos_item: Tensor,
+    neg_item: Tensor,
+    neg_valid: Tensor,
+    item_features,
+    history_columns: list[str],
+) -> TrainBatch:
+    """Build a :class:`TrainBatch` from per-row query features and item indexes.
+
+    ``item_features(unique_items)`` returns the features of the given sorted item
+    indexes; the distinct items are the positives and the valid negatives.
+    """
+    candidates = torch.cat([pos_item, neg_item[neg_valid]])
+    unique, inverse = torch.unique(candidates, sorted=True, return_inverse=True)
+    b = len(pos_item)
+    pos = inverse[:b]
+    neg = torch.zeros_like(neg_item)
+    neg[neg_valid] = inverse[b:]
+    leave_one_out(query, history_columns, pos_item)
+    return TrainBatch(query, item_features(unique), pos, neg, neg_valid)
+
+
+class MemoryFeed:
+    """All features and train pairs in memory; order and negatives drawn per epoch."""
+
+    def __init__(
+        self, prepared: str, manifest: dict, spec: NegativeSpec, batch_size: int, workers: int = 2
+    ):
+        self.manifest = manifest
+        self.spec = spec
+        self.batch_size = batch_size
+        self.num_items = manifest["num_items"]
+        self.queries = load_features(prepared, manifest, "queries", workers)
+        self.items = load_features(prepared, manifest, "items", workers)
+        pairs = read_parquet_columns(f"{prepared}/train_pairs", ["query_idx", "item_idx"], workers)
+        order = np.lexsort((pairs["item_idx"], pairs["query_idx"]))
+        self.pair_query = pairs["query_idx"][order].astype(np.int64)
+        self.pair_item = pairs["item_idx"][order].astype(np.int64)
+        self.positives = PairSet(self.pair_query, self.pair_item, self.num_items)
+        counts = np.bincount(self.pair_item, minlength=self.num_items)
+        self.item_cdf = np.cumsum(counts)
+        self.history_columns = history_columns(manifest)
+        logger.info(
+            "memory feed: %d queries, %d items, %d train pairs",
+            len(self.queries),
+            len(self.items),
+            len(self.pair_query),
+        )
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.pair_query)
+
+    def num_batches(self) -> int:
+        return -(-self.num_pairs // self.batch_size)
+
+    def batches(self, epoch: int) -> Iterator[TrainBatch]:
+        order = epoch_order(self.pair_query, self.pair_item, self.spec.seed, epoch)
+        for start in range(0, self.num_pairs, self.batch_size):
+            sel = order[start : start + self.batch_size]
+            q, i = self.pair_query[sel], self.pair_item[sel]
+            yield self.batch_for(q, i, epoch)
+
+    def batch_for(self, q: np.ndarray, i: np.ndarray, epoch: int) -> TrainBatch:
+        neg, valid = negatives_for(
+            q, i, self.spec, epoch, self.item_cdf, self.positives, self.num_items
+        )
+        query = self.queries.gather(torch.from_numpy(q))
+        return assemble_batch(
+            query,
+            torch.from_numpy(i),
+            torch.from_numpy(neg),
+            torch.from_numpy(valid),
+            self.items.gather,
+            self.history_columns,
+        )
+
+
+def negatives_for(
+    q: np.ndarray,
+    i: np.ndarray,
+    spec: NegativeSpec,
+    epoch: int,
+    item_cdf: np.ndarray,
+    positives: PairSet,
+    num_items: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    if spec.num_negatives == 0:
+        return np.zeros((len(q), 0), dtype=np.int64), np.zeros((len(q), 0), dtype=bool)
+    return draw_negatives(q, i, spec, epoch, item_cdf, positives, num_items)
+
+
+def feature_columns(manifest: dict, table: str) -> list[str]:
+    features = manifest["features"][table]
+    columns = []
+    if features["numeric"]:
+        columns.append("num")
+    if features["categorical"]:
+        columns.append("cat")
+    columns += [s["column"] for s in features["sequences"]]
+    return columns
+
+
+def history_columns(manifest: dict) -> list[str]:
+    """Query sequence columns built from train pairs (left-one-out in training)."""
+    return [
+        s["column"]
+        for s in manifest["features"]["queries"]["sequences"]
+        if s.get("source") == "train_pairs"
+    ]
+
+
+def load_features(prepared: str, manifest: dict, table: str, workers: int = 2) -> FeatureTable:
+    idx_column = "query_idx" if table == "queries" else "item_idx"
+    num_rows = manifest["num_queries" if table == "queries" else "num_items"]
+    columns = feature_columns(manifest, table)
+    data = read_parquet_columns(f"{prepared}/{table}", [idx_column, *columns], workers)
+    return FeatureTable.from_columns(data, idx_column, num_rows, columns)
