@@ -248,6 +248,7 @@ class TrainConfig:
     patience: int = 3
     select_metric: str = "ndcg@10"
     eval_ks: tuple[int, ...] = (10, 40)
+    eval_queries: int = 0  # 0: every test query; else a seeded sample of this many
     feed: Literal["memory", "stream"] = "memory"
     reader_workers: int = 2
     threads: int = 0
@@ -293,8 +294,12 @@ class TrainConfig:
             )
         if not 0 < self.lr_gamma <= 1:
             _fail("train.lr_gamma", self.lr_gamma, "a number in (0, 1]")
-        if self.patience < 0 or self.threads < 0:
-            _fail("train.patience/threads", (self.patience, self.threads), "integers >= 0")
+        if self.patience < 0 or self.threads < 0 or self.eval_queries < 0:
+            _fail(
+                "train.patience/threads/eval_queries",
+                (self.patience, self.threads, self.eval_queries),
+                "integers >= 0",
+            )
         if not self.eval_ks or min(self.eval_ks) < 1:
             _fail("train.eval_ks", self.eval_ks, "a non-empty list of integers >= 1")
         metric, _, k = self.select_metric.partition("@")

@@ -8,10 +8,11 @@ from adjoint_spark.config import Config
 from adjoint_spark.prepare import run_prepare
 from adjoint_spark.session import get_spark
 from adjoint_spark.timing import Timer
+from adjoint_spark.train import run_train
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("prepare",)
+STAGES = ("prepare", "train")
 
 
 def summarize_prepare(manifest: dict, path: str) -> str:
@@ -29,6 +30,13 @@ def summarize_prepare(manifest: dict, path: str) -> str:
     return "\n".join(lines)
 
 
+def summarize_train(result) -> str:
+    m = result.best_metrics
+    keys = ("precision@10", "recall@10", "ndcg@10", "map@10", "recall@40", "micro_recall@40")
+    metrics = "  ".join(f"{k} {m[k]:.4f}" for k in keys if k in m)
+    return f"model: {result.path} (best epoch {result.best_epoch})\n  {metrics}"
+
+
 def run_stages(config: Config, stages: list[str]) -> int:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -39,6 +47,9 @@ def run_stages(config: Config, stages: list[str]) -> int:
     if "prepare" in stages:
         result = run_prepare(spark, config, timer)
         summary.append(summarize_prepare(result.manifest, result.path))
+    if "train" in stages:
+        trained = run_train(spark, config, timer)
+        summary.append(summarize_train(trained))
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in timer.as_dict().items() if "/" not in k)
     summary.append(f"time: {seconds}")
     print("\n".join(summary), flush=True)

@@ -313,14 +313,27 @@ def make_feed(spark, cfg: TrainConfig, prepared: str, manifest: dict, output: st
     return MemoryFeed(prepared, manifest, spec, cfg.batch_size, cfg.reader_workers)
 
 
-def eval_data(prepared: str, workers: int) -> EvalData:
-    from adjoint_spark.feed import read_parquet_columns
+def eval_data(spark, prepared: str, max_queries: int, seed: int) -> EvalData:
+    """Test pairs and the train items of the evaluated queries, gathered with Spark.
 
-    cols = ["query_idx", "item_idx"]
-    train = read_parquet_columns(f"{prepared}/train_pairs", cols, workers)
-    test = read_parquet_columns(f"{prepared}/test_pairs", cols, workers)
+    With ``max_queries`` > 0, a seeded sample of that many test queries is evaluated,
+    so the driver holds their pairs only, whatever the size of the pair tables.
+    """
+    from pyspark.sql import functions as F
+
+    test = spark.read.parquet(join(prepared, "test_pairs")).select("query_idx", "item_idx")
+    train = spark.read.parquet(join(prepared, "train_pairs")).select("query_idx", "item_idx")
+    queries = test.select("query_idx").distinct()
+    if max_queries > 0:
+        order = F.xxhash64(F.lit(seed), F.col("query_idx"))
+        queries = queries.orderBy(order, "query_idx").limit(max_queries)
+    test_rows = test.join(queries, "query_idx").toPandas()
+    train_rows = train.join(queries, "query_idx").toPandas()
     return EvalData.from_pairs(
-        train["query_idx"], train["item_idx"], test["query_idx"], test["item_idx"]
+        train_rows["query_idx"].to_numpy(np.int64),
+        train_rows["item_idx"].to_numpy(np.int64),
+        test_rows["query_idx"].to_numpy(np.int64),
+        test_rows["item_idx"].to_numpy(np.int64),
     )
 
 
@@ -345,7 +358,7 @@ def run_train(
             feed = make_feed(spark, cfg, prepared, manifest, config.output)
             queries = load_features(prepared, manifest, "queries", cfg.reader_workers)
             items = load_features(prepared, manifest, "items", cfg.reader_workers)
-            data = eval_data(prepared, cfg.reader_workers)
+            data = eval_data(spark, prepared, cfg.eval_queries, cfg.seed)
         model = build_model(manifest, cfg).to(device)
         opt, sched = build_optimizer(model, cfg)
         counts = np.diff(np.concatenate([[0], feed.item_cdf])).astype(np.float64)
@@ -391,6 +404,9 @@ def run_train(
                         "no better %s for %d epochs: stopping early", cfg.select_metric, since_best
                     )
                     break
+        if hasattr(feed, "close"):
+            feed.close()
+            storage.delete(join(config.output, "_stream"))
         if interrupted:
             return TrainResult(
                 None, best["epoch"] if best else 0, best["metrics"] if best else {}, history

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,3 +111,32 @@ def test_resume_continues_where_it_stopped(spark, prepared, tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     assert [h["loss"] for h in done.history] == [h["loss"] for h in full.history]
+
+
+def test_both_feeds_give_the_same_batches(spark, prepared, tmp_path):
+    from adjoint_spark.feed import MemoryFeed
+    from adjoint_spark.sampling import NegativeSpec
+    from adjoint_spark.storage import Storage
+    from adjoint_spark.stream import StreamFeed
+
+    prep = os.path.join(prepared["output"], "prepared")
+    manifest = Storage(spark).read_json(os.path.join(prep, "manifest.json"))
+    spec = NegativeSpec(num_negatives=5, num_popular=2, seed=9)
+    memory = MemoryFeed(prep, manifest, spec, batch_size=100, workers=2)
+    stream = StreamFeed(spark, prep, manifest, spec, 100, str(tmp_path / "stream"), workers=3)
+    assert np.array_equal(stream.item_cdf, memory.item_cdf)
+    for epoch in (0, 1):
+        got = list(stream.batches(epoch, prefetch=False))
+        want = list(memory.batches(epoch))
+        assert len(got) == len(want) == memory.num_batches()
+        for a, b in zip(got, want, strict=True):
+            for name in ("pos", "neg", "neg_valid"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
+            for part in ("query", "items"):
+                x, y = getattr(a, part), getattr(b, part)
+                assert x.keys() == y.keys()
+                for key in x:
+                    assert torch.equal(x[key], y[key]), (part, key)
+    stream.close()
+    # Each epoch's example files are removed once read.
+    assert not [p for p in os.listdir(tmp_path / "stream") if p.startswith("epoch=")]
