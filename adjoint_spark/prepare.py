@@ -219,12 +219,28 @@ def scaled(column: str, stat: dict, scaling: str) -> Column:
     return value.cast("float")
 
 
-def build_vocab(spark: SparkSession, frame: DataFrame, column: str, min_count: int) -> DataFrame:
-    """Ids 1..V for values seen at least ``min_count`` times, most frequent first."""
-    counts = frame.groupBy(F.col(column).alias("value")).count()
+def build_vocabs(frame: DataFrame, columns: list[str], min_count: int) -> DataFrame:
+    """Vocabularies of all categorical ``columns`` in one pass over ``frame``.
+
+    Returns (``col`` position, ``value``, ``count``, ``id``): ids 1..V per column for
+    values seen at least ``min_count`` times, most frequent first (ties by value); id 0
+    is left for unseen and rare values.
+    """
+    stacked = frame.select(
+        F.explode(
+            F.array(
+                *[
+                    F.struct(F.lit(j).alias("col"), F.col(c).alias("value"))
+                    for j, c in enumerate(columns)
+                ]
+            )
+        ).alias("_v")
+    ).select("_v.col", "_v.value")
+    counts = stacked.groupBy("col", "value").count()
     counts = counts.where(F.col("value").isNotNull() & (F.col("count") >= min_count))
-    ranked = dense_index(spark, counts, [F.desc("count"), F.col("value")], "_rank")
-    return ranked.withColumn("id", (F.col("_rank") + 1).cast("int")).drop("_rank")
+    # One window partition per column: vocabularies are small next to the tables.
+    w = Window.partitionBy("col").orderBy(F.desc("count"), "value")
+    return counts.withColumn("id", F.row_number().over(w).cast("int"))
 
 
 def map_sequence(
@@ -281,6 +297,7 @@ def encode_entities(
     item_map: DataFrame,
     train: DataFrame,
     options: PrepareConfig,
+    keep,
 ) -> EncodedTable:
     """Scale numerics, map categoricals to vocabulary ids, map and pad sequences."""
     df = accepted.join(index, "key")
@@ -306,6 +323,8 @@ def encode_entities(
         seq_cols.append("s_hist")
         sources.append("train_pairs")
 
+    # One persisted frame serves the statistics, the vocabularies and the write.
+    df = keep(df)
     stats = numeric_stats(df, num_cols)
     num_rows = df.count()
     unknown_counts = []
@@ -316,21 +335,27 @@ def encode_entities(
         else:
             unknown_counts.append(0)
 
-    vocab_frames, cat_specs, cat_cols = [], [], []
-    for j, name in enumerate(entity.categorical):
-        vocab = build_vocab(spark, df, f"c_{j}", options.categorical_min_count).persist()
-        size = vocab.count()
-        df = df.join(
-            F.broadcast(vocab.select(F.col("value").alias(f"c_{j}"), F.col("id").alias(f"v_{j}"))),
-            f"c_{j}",
-            "left",
-        )
-        cat_cols.append(F.coalesce(F.col(f"v_{j}"), F.lit(0)))
-        cat_specs.append({"name": name, "vocab_size": size + 1, "unseen_id": 0})
-        vocab_frames.append(
-            vocab.select(
-                F.lit(role).alias("table"), F.lit(name).alias("column"), "value", "id", "count"
+    cat_specs, cat_cols, vocab = [], [], None
+    if entity.categorical:
+        names = [f"c_{j}" for j in range(len(entity.categorical))]
+        vocab = keep(build_vocabs(df, names, options.categorical_min_count))
+        sizes = dict(vocab.groupBy("col").count().collect())
+        for j, name in enumerate(entity.categorical):
+            ids = vocab.where(F.col("col") == j).select(
+                F.col("value").alias(f"c_{j}"), F.col("id").alias(f"v_{j}")
             )
+            df = df.join(ids, f"c_{j}", "left")
+            cat_cols.append(F.coalesce(F.col(f"v_{j}"), F.lit(0)))
+            cat_specs.append({"name": name, "vocab_size": sizes.get(j, 0) + 1, "unseen_id": 0})
+        names_map = F.create_map(
+            *[x for j, n in enumerate(entity.categorical) for x in (F.lit(j), F.lit(n))]
+        )
+        vocab = vocab.select(
+            F.lit(role).alias("table"),
+            names_map[F.col("col")].alias("column"),
+            "value",
+            "id",
+            "count",
         )
 
     id_name, idx_name = f"{role}_id", f"{role}_idx"
@@ -367,10 +392,7 @@ def encode_entities(
             for s, src, n in zip(sequences, sources, unknown_counts, strict=True)
         ],
     }
-    vocab_all = None
-    for v in vocab_frames:
-        vocab_all = v if vocab_all is None else vocab_all.unionByName(v)
-    return EncodedTable(df.select(*out), spec, vocab_all)
+    return EncodedTable(df.select(*out), spec, vocab)
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -411,8 +433,10 @@ def run_prepare(spark: SparkSession, config: Config, timer: Timer | None = None)
                     tables[entity.table] = table_counts(entity.frame)
                     check_table(entity.table, entity.frame, entity.files, tables[entity.table])
                     logger.info("%s: %s", entity.table, tables[entity.table])
-                queries_ok = keep(raw.queries.frame.where(F.col("reason").isNull()))
-                items_ok = keep(raw.items.frame.where(F.col("reason").isNull()))
+                # Accepted rows without their raw text: only the rejects need it.
+                slim = ["raw", "source", "row", "reason"]
+                queries_ok = keep(raw.queries.frame.where(F.col("reason").isNull()).drop(*slim))
+                items_ok = keep(raw.items.frame.where(F.col("reason").isNull()).drop(*slim))
                 query_map = keep(
                     dense_index(spark, queries_ok.select("key"), [F.col("key")], "query_idx")
                 )
@@ -427,10 +451,18 @@ def run_prepare(spark: SparkSession, config: Config, timer: Timer | None = None)
 
             with timer.phase("encode features"):
                 q = encode_entities(
-                    spark, raw.queries, queries_ok, query_map, "query", item_map, train, options
+                    spark,
+                    raw.queries,
+                    queries_ok,
+                    query_map,
+                    "query",
+                    item_map,
+                    train,
+                    options,
+                    keep,
                 )
                 i = encode_entities(
-                    spark, raw.items, items_ok, item_map, "item", item_map, train, options
+                    spark, raw.items, items_ok, item_map, "item", item_map, train, options, keep
                 )
 
             with timer.phase("write"), Staging(storage, config.output, "prepared") as stage:

@@ -248,8 +248,9 @@ class StreamFeed:
         return result[0]
 
     def batches(self, epoch: int, prefetch: bool = True) -> Iterator[TrainBatch]:
+        """Epoch ``epoch``'s batches; the next epoch is written meanwhile (``prefetch``)."""
         path = self._wait(epoch)
-        if prefetch:
+        if prefetch and (self.num_epochs is None or epoch + 1 < self.num_epochs):
             self._start(epoch + 1)
         try:
             yield from self.read_batches(path)

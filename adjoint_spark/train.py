@@ -309,6 +309,7 @@ def make_feed(spark, cfg: TrainConfig, prepared: str, manifest: dict, output: st
             cfg.batch_size,
             join(output, "_stream"),
             cfg.reader_workers,
+            cfg.epochs,
         )
     return MemoryFeed(prepared, manifest, spec, cfg.batch_size, cfg.reader_workers)
 

@@ -17,7 +17,8 @@ OUT = os.path.join(ROOT, "bench", "out")
 class PeakMemory:
     """Samples the resident memory of a process and its children every ``interval`` s.
 
-    ``peak_python`` is the largest RSS of Python processes (the driver, in local mode
+    ``peak_root`` is the RSS of the process itself (the Python driver when a job is
+    run in-process), ``peak_python`` the largest RSS of Python processes (the driver, in local mode
     also the Python workers one at a time), ``peak_jvm`` that of the JVM (in local mode
     the driver and the executors share it), ``peak_total`` that of the whole tree.
     """
@@ -25,7 +26,7 @@ class PeakMemory:
     def __init__(self, pid: int, interval: float = 0.2):
         self.root = psutil.Process(pid)
         self.interval = interval
-        self.peak_python = self.peak_jvm = self.peak_total = 0
+        self.peak_python = self.peak_jvm = self.peak_total = self.peak_root = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -36,6 +37,10 @@ class PeakMemory:
             except psutil.NoSuchProcess:
                 return
             total = python = jvm = 0
+            try:
+                self.peak_root = max(self.peak_root, self.root.memory_info().rss)
+            except psutil.NoSuchProcess:
+                return
             for p in procs:
                 try:
                     rss = p.memory_info().rss
@@ -63,6 +68,7 @@ class PeakMemory:
     def as_dict(self) -> dict[str, float]:
         mib = 1 << 20
         return {
+            "peak_driver_process_mib": round(self.peak_root / mib, 1),
             "peak_python_mib": round(self.peak_python / mib, 1),
             "peak_jvm_mib": round(self.peak_jvm / mib, 1),
             "peak_total_mib": round(self.peak_total / mib, 1),
