@@ -193,7 +193,7 @@ class MemoryFeed:
             yield self.batch_for(q, i, epoch)
 
     def batch_for(self, q: np.ndarray, i: np.ndarray, epoch: int) -> TrainBatch:
-        neg, valid = negatives_for(
+        neg, valid = draw_negatives(
             q, i, self.spec, epoch, self.item_cdf, self.positives, self.num_items
         )
         query = self.queries.gather(torch.from_numpy(q))
@@ -205,20 +205,6 @@ class MemoryFeed:
             self.items.gather,
             self.history_columns,
         )
-
-
-def negatives_for(
-    q: np.ndarray,
-    i: np.ndarray,
-    spec: NegativeSpec,
-    epoch: int,
-    item_cdf: np.ndarray,
-    positives: PairSet,
-    num_items: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    if spec.num_negatives == 0:
-        return np.zeros((len(q), 0), dtype=np.int64), np.zeros((len(q), 0), dtype=bool)
-    return draw_negatives(q, i, spec, epoch, item_cdf, positives, num_items)
 
 
 def feature_columns(manifest: dict, table: str) -> list[str]:

@@ -134,6 +134,8 @@ def draw_negatives(
         positives: the train pairs, for excluding a query's own positives.
     """
     b, n = len(query), spec.num_negatives
+    if n == 0:
+        return np.zeros((b, 0), dtype=np.int64), np.zeros((b, 0), dtype=bool)
     q = np.repeat(query, n)
     i = np.repeat(item, n)
     slots = np.tile(np.arange(n), b)

@@ -45,16 +45,21 @@ logger = logging.getLogger(__name__)
 ROW_GROUP_BYTES = 4 << 20
 
 
+def read_item_cdf(counts_path: str, num_items: int) -> np.ndarray:
+    """Cumulative train pairs per item from the (item_idx, count) file Spark wrote."""
+    import pyarrow.parquet as pq
+
+    counts = pq.read_table(to_uri(counts_path)).to_pandas()
+    dense = np.zeros(num_items, dtype=np.int64)
+    dense[counts["item_idx"].to_numpy()] = counts["count"].to_numpy()
+    return np.cumsum(dense)
+
+
 def negatives_udf(spec: NegativeSpec, epoch: int, counts_path: str, num_items: int):
     """The function ``mapInPandas`` runs: order key and negatives per train pair."""
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        import pyarrow.parquet as pq
-
-        counts = pq.read_table(counts_path.replace("file://", "")).to_pandas()
-        dense = np.zeros(num_items, dtype=np.int64)
-        dense[counts["item_idx"].to_numpy()] = counts["count"].to_numpy()
-        item_cdf = np.cumsum(dense)
+        item_cdf = read_item_cdf(counts_path, num_items)
         for frame in frames:
             q = frame["query_idx"].to_numpy(np.int64)
             i = frame["item_idx"].to_numpy(np.int64)
@@ -62,11 +67,7 @@ def negatives_udf(spec: NegativeSpec, epoch: int, counts_path: str, num_items: i
             lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
             own = np.concatenate(lists).astype(np.int64) if len(lists) else np.zeros(0, np.int64)
             positives = PairSet(np.repeat(q, lengths), own, num_items)
-            if spec.num_negatives:
-                neg, valid = draw_negatives(q, i, spec, epoch, item_cdf, positives, num_items)
-            else:
-                neg = np.zeros((len(q), 0), np.int64)
-                valid = np.zeros((len(q), 0), bool)
+            neg, valid = draw_negatives(q, i, spec, epoch, item_cdf, positives, num_items)
             yield pd.DataFrame(
                 {
                     "order_key": epoch_order_key(q, i, spec.seed, epoch),
@@ -203,12 +204,7 @@ class StreamFeed:
     def item_cdf(self) -> np.ndarray:
         """Cumulative train pairs per item (for logQ); read from the counts file."""
         if self._item_cdf is None:
-            import pyarrow.parquet as pq
-
-            counts = pq.read_table(self.counts_path.replace("file://", "")).to_pandas()
-            dense = np.zeros(self.num_items, dtype=np.int64)
-            dense[counts["item_idx"].to_numpy()] = counts["count"].to_numpy()
-            self._item_cdf = np.cumsum(dense)
+            self._item_cdf = read_item_cdf(self.counts_path, self.num_items)
         return self._item_cdf
 
     def num_batches(self) -> int:

@@ -44,14 +44,16 @@ def test_user_errors_exit_2_with_a_message(tmp_path):
         "dataset.labels.path=/nonexistent/labels.txt",
     )
     assert done.returncode == 2
-    assert "error: labels: input /nonexistent/labels.txt does not exist" in done.stderr
+    # spark-submit passes the Python driver's stderr on through its own stdout.
+    output = done.stdout + done.stderr
+    assert "error: labels: input /nonexistent/labels.txt does not exist" in output
     assert not os.path.exists(os.path.join(out, "prepared"))
 
     done = submit(
         "prepare", "--config", "conf/seed-example.yaml", "--set", "prepare.num_partitions=0"
     )
     assert done.returncode == 2
-    assert "config key 'prepare.num_partitions': 0 is not allowed" in done.stderr
+    assert "config key 'prepare.num_partitions': 0 is not allowed" in done.stdout + done.stderr
 
 
 def test_unknown_job_is_refused():
