@@ -235,7 +235,9 @@ class TrainConfig:
     learn_temperature: bool = False
     num_negatives: int = 31
     num_popular_negatives: int = 16
-    history_leave_one_out: bool = True
+    history_sample: int = 0  # 0: the whole history; else a random sample per example
+    combine: Literal["seed", "mlp"] = "seed"
+    sequence_projection: bool = True
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.5
     lr_step_epochs: int = 10
@@ -294,6 +296,8 @@ class TrainConfig:
             )
         if not 0 < self.lr_gamma <= 1:
             _fail("train.lr_gamma", self.lr_gamma, "a number in (0, 1]")
+        if self.history_sample < 0:
+            _fail("train.history_sample", self.history_sample, "an integer >= 0")
         if self.patience < 0 or self.threads < 0 or self.eval_queries < 0:
             _fail(
                 "train.patience/threads/eval_queries",

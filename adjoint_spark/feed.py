@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adjoint_spark.sampling import NegativeSpec, PairSet, draw_negatives, epoch_order
+from adjoint_spark.sampling import (
+    NegativeSpec,
+    PairSet,
+    draw_negatives,
+    epoch_order,
+    hash_columns,
+)
 from adjoint_spark.storage import to_uri
 
 logger = logging.getLogger(__name__)
@@ -98,6 +104,7 @@ class TrainBatch:
         pos: (B,) positions of each row's positive in ``items``.
         neg: (B, N) positions of each row's negatives in ``items`` (0 where invalid).
         neg_valid: (B, N) False where no negative could be drawn.
+        own: (B, B) True where row r's history holds row c's positive, or None.
     """
 
     query: dict[str, Tensor]
@@ -105,6 +112,7 @@ class TrainBatch:
     pos: Tensor
     neg: Tensor
     neg_valid: Tensor
+    own: Tensor | None = None
 
     def to(self, device: torch.device) -> TrainBatch:
         move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
@@ -114,18 +122,59 @@ class TrainBatch:
             self.pos.to(device),
             self.neg.to(device),
             self.neg_valid.to(device),
+            None if self.own is None else self.own.to(device),
         )
 
 
-def leave_one_out(query: dict[str, Tensor], columns: list[str], pos_item: Tensor) -> None:
-    """Remove each row's positive item from its history sequences, in place.
+@dataclass(frozen=True)
+class HistoryRule:
+    """How training treats query sequences built from train pairs.
 
-    A history built from train pairs holds the very item the row is trained to find;
-    left in, the model would learn to copy it.
+    Each row's positive is always removed from them (left in, the model would learn to
+    copy it). With ``sample`` > 0, a row keeps a random ``sample`` of the remaining
+    items, redrawn every epoch (a hash of seed, epoch, query, item and position), while
+    evaluation sees the whole history: an augmentation that regularises strongly.
     """
-    for column in columns:
-        seq = query[column]
-        query[column] = seq.masked_fill(seq == (pos_item + 1).unsqueeze(1), 0)
+
+    columns: tuple[str, ...]
+    sample: int = 0
+    seed: int = 0
+
+
+def history_mask(rule: HistoryRule, query: dict[str, Tensor], pos_item: Tensor,
+                 epoch: int) -> None:  # fmt: skip
+    """Apply ``rule`` to the history columns of a batch, in place."""
+    for column in rule.columns:
+        seq = query[column].masked_fill(query[column] == (pos_item + 1).unsqueeze(1), 0)
+        if rule.sample > 0 and seq.shape[1] > rule.sample:
+            rows = query["idx"].numpy()[:, None]
+            slots = np.arange(seq.shape[1])[None, :]
+            keys = hash_columns(rule.seed, epoch, 0x4853, rows, pos_item.numpy()[:, None], slots)
+            keys = torch.from_numpy((keys >> np.uint64(1)).astype(np.int64))
+            keys = keys.masked_fill(seq == 0, torch.iinfo(torch.int64).max)
+            keep = keys.topk(rule.sample, dim=1, largest=False).indices.sort(dim=1).values
+            seq = torch.gather(seq, 1, keep)
+        query[column] = seq
+
+
+def own_items_mask(query: dict[str, Tensor], columns: tuple[str, ...],
+                   pos_item: Tensor) -> Tensor | None:  # fmt: skip
+    """(B, B): True where row r's history holds column c's positive (before masking).
+
+    In-batch softmax uses it to keep a query's other train items from counting as its
+    negatives; exact when the history holds all of a query's train items.
+    """
+    if not columns:
+        return None
+    seq = query[columns[0]]
+    b, width = seq.shape
+    num = int(max(int(seq.max()), int(pos_item.max()) + 1)) + 1
+    rows = torch.arange(b).unsqueeze(1).expand(b, width)
+    keys = torch.unique(rows[seq > 0] * num + seq[seq > 0])
+    wanted = torch.arange(b).unsqueeze(1) * num + (pos_item + 1).unsqueeze(0)
+    pos = torch.searchsorted(keys, wanted).clamp(max=max(len(keys) - 1, 0))
+    found = keys[pos] == wanted if len(keys) else torch.zeros_like(wanted, dtype=torch.bool)
+    return found & ~torch.eye(b, dtype=torch.bool)
 
 
 def assemble_batch(
@@ -134,7 +183,8 @@ def assemble_batch(
     neg_item: Tensor,
     neg_valid: Tensor,
     item_features,
-    history_columns: list[str],
+    rule: HistoryRule,
+    epoch: int,
 ) -> TrainBatch:
     """Build a :class:`TrainBatch` from per-row query features and item indexes.
 
@@ -147,15 +197,22 @@ def assemble_batch(
     pos = inverse[:b]
     neg = torch.zeros_like(neg_item)
     neg[neg_valid] = inverse[b:]
-    leave_one_out(query, history_columns, pos_item)
-    return TrainBatch(query, item_features(unique), pos, neg, neg_valid)
+    own = own_items_mask(query, rule.columns, pos_item)
+    history_mask(rule, query, pos_item, epoch)
+    return TrainBatch(query, item_features(unique), pos, neg, neg_valid, own)
 
 
 class MemoryFeed:
     """All features and train pairs in memory; order and negatives drawn per epoch."""
 
     def __init__(
-        self, prepared: str, manifest: dict, spec: NegativeSpec, batch_size: int, workers: int = 2
+        self,
+        prepared: str,
+        manifest: dict,
+        spec: NegativeSpec,
+        batch_size: int,
+        workers: int = 2,
+        history_sample: int = 0,
     ):
         self.manifest = manifest
         self.spec = spec
@@ -170,7 +227,7 @@ class MemoryFeed:
         self.positives = PairSet(self.pair_query, self.pair_item, self.num_items)
         counts = np.bincount(self.pair_item, minlength=self.num_items)
         self.item_cdf = np.cumsum(counts)
-        self.history_columns = history_columns(manifest)
+        self.rule = HistoryRule(tuple(history_columns(manifest)), history_sample, spec.seed)
         logger.info(
             "memory feed: %d queries, %d items, %d train pairs",
             len(self.queries),
@@ -203,7 +260,8 @@ class MemoryFeed:
             torch.from_numpy(neg),
             torch.from_numpy(valid),
             self.items.gather,
-            self.history_columns,
+            self.rule,
+            epoch,
         )
 
 

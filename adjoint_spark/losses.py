@@ -43,6 +43,7 @@ def in_batch_softmax_loss(
     neg: Tensor | None = None,
     neg_valid: Tensor | None = None,
     neg_log_q: Tensor | None = None,
+    own: Tensor | None = None,
 ) -> Tensor:
     """Softmax over the batch's positive items (plus optional sampled negatives).
 
@@ -57,11 +58,16 @@ def in_batch_softmax_loss(
         log_q: (B,) log sampling probability of each positive item.
         neg, neg_valid, neg_log_q: (B, N) cosines, mask and log-probabilities of extra
             sampled negatives per row, or None.
+        own: (B, B) True where column c's item is another train item of row r's query;
+            masked like duplicates, so a query's positives are not its negatives.
     """
     logits = scale * (query @ item.T) - log_q.unsqueeze(0)
     same = item_idx.unsqueeze(0) == item_idx.unsqueeze(1)
     eye = torch.eye(len(item_idx), dtype=torch.bool, device=query.device)
-    logits = logits.masked_fill(same & ~eye, float("-inf"))
+    masked = same & ~eye
+    if own is not None:
+        masked = masked | (own & ~eye)
+    logits = logits.masked_fill(masked, float("-inf"))
     if neg is not None:
         extra = (scale * neg - neg_log_q).masked_fill(~neg_valid, float("-inf"))
         logits = torch.cat([logits, extra], dim=1)

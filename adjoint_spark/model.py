@@ -10,11 +10,13 @@ Inside a tower every feature becomes a vector of width ``feature_dim`` (V):
 - optionally the entity's own id: items from the shared item-id table, queries from a
   query-id table.
 
-The F feature vectors are combined two ways: their sum through a ReLU (a first-order,
+With ``combine: seed`` (the default, the original's), the F feature vectors are
+combined two ways: their sum through a ReLU (a first-order,
 factorisation-machine-like term) and their concatenation through an MLP. Sum, the MLP's
 last hidden layer and its output are concatenated, passed through a layer of width
 4 x ``embedding_dim`` and a final layer (tanh by default), then L2-normalised, so a
-score is a cosine similarity.
+score is a cosine similarity. With ``combine: mlp`` the concatenation goes through the
+MLP and a linear layer straight to ``embedding_dim``.
 """
 
 from __future__ import annotations
@@ -59,23 +61,25 @@ class TowerShape:
     pooling: str = "mean"
     final_activation: str = "tanh"
     use_id: bool = False
+    combine: str = "seed"
+    sequence_projection: bool = True
 
 
 class SequencePool(nn.Module):
     """Linear + ReLU + dropout over item vectors, pooled over non-padding positions."""
 
-    def __init__(self, dim: int, pooling: str, dropout: float):
+    def __init__(self, dim: int, pooling: str, dropout: float, projection: bool = True):
         super().__init__()
         if pooling not in ("mean", "max", "attention"):
             raise ValueError(f"pooling {pooling!r} is not one of mean, max, attention")
         self.pooling = pooling
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim) if projection else None
         self.dropout = nn.Dropout(dropout)
         self.attn = nn.Linear(dim, 1) if pooling == "attention" else None
 
     def forward(self, vectors: Tensor, mask: Tensor) -> Tensor:
         """vectors (B, L, V), mask (B, L) True at real items -> (B, V)."""
-        h = self.dropout(F.relu(self.proj(vectors)))
+        h = self.dropout(F.relu(self.proj(vectors))) if self.proj is not None else vectors
         m = mask.unsqueeze(-1)
         if self.pooling == "mean":
             return (h * m).sum(1) / m.sum(1).clamp(min=1)
@@ -101,7 +105,8 @@ class Tower(nn.Module):
         self.register_buffer("cat_offsets", offsets[: len(spec.cat_sizes)], persistent=False)
         self.categorical = nn.Embedding(max(1, sum(spec.cat_sizes)), v) if spec.cat_sizes else None
         self.pools = nn.ModuleList(
-            SequencePool(v, shape.pooling, shape.dropout) for _ in spec.sequences
+            SequencePool(v, shape.pooling, shape.dropout, shape.sequence_projection)
+            for _ in spec.sequences
         )
         self.own_ids = None
         if shape.use_id and side == "query":
@@ -116,10 +121,15 @@ class Tower(nn.Module):
             layers += [nn.Linear(width, shape.hidden_dim), nn.ReLU(), nn.Dropout(shape.dropout)]
             width = shape.hidden_dim
         self.mlp = nn.Sequential(*layers)
-        self.mlp_out = nn.Linear(width, v)
-        self.wide = nn.Linear(v + width + v, 4 * shape.embedding_dim)
-        self.out = nn.Linear(4 * shape.embedding_dim, shape.embedding_dim)
-        self.drop = nn.Dropout(shape.dropout)
+        if shape.combine not in ("seed", "mlp"):
+            raise ValueError(f"combine {shape.combine!r} is not one of seed, mlp")
+        if shape.combine == "seed":
+            self.mlp_out = nn.Linear(width, v)
+            self.wide = nn.Linear(v + width + v, 4 * shape.embedding_dim)
+            self.out = nn.Linear(4 * shape.embedding_dim, shape.embedding_dim)
+            self.drop = nn.Dropout(shape.dropout)
+        else:
+            self.out = nn.Linear(width, shape.embedding_dim)
 
     def features(self, batch: dict[str, Tensor]) -> Tensor:
         """The (B, F, V) feature vectors of a batch."""
@@ -139,10 +149,13 @@ class Tower(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         f = self.features(batch)
-        first_order = F.relu(f.sum(1))
         hidden = self.mlp(f.flatten(1))
-        combined = torch.cat([first_order, hidden, self.mlp_out(hidden)], dim=1)
-        x = self.out(self.drop(F.relu(self.wide(combined))))
+        if self.shape.combine == "seed":
+            first_order = F.relu(f.sum(1))
+            combined = torch.cat([first_order, hidden, self.mlp_out(hidden)], dim=1)
+            x = self.out(self.drop(F.relu(self.wide(combined))))
+        else:
+            x = self.out(hidden)
         if self.shape.final_activation == "tanh":
             x = torch.tanh(x)
         return F.normalize(x, dim=-1)

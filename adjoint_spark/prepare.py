@@ -89,18 +89,20 @@ def check_table(table: str, frame: DataFrame, files: list[str], counts: dict[str
         )
 
 
-def dense_index(spark: SparkSession, df: DataFrame, order: list[Column], out: str) -> DataFrame:
+def dense_index(
+    spark: SparkSession, df: DataFrame, order: list[Column], out: str, keep
+) -> DataFrame:
     """Add ``out``: each row's position 0..n-1 in ``order``, without a one-partition sort.
 
-    The rows are range-sorted and persisted; per-partition counts give each partition's
-    offset, and the monotonically increasing id gives the position inside it. ``order``
-    must be a total order (ties would make the positions depend on the partitioning).
+    The rows are range-sorted and persisted (through ``keep``, which the caller
+    unpersists when done); per-partition counts give each partition's offset, and the
+    monotonically increasing id gives the position inside it. ``order`` must be a total
+    order (ties would make the positions depend on the partitioning).
     """
-    ordered = (
+    ordered = keep(
         df.orderBy(*order)
         .withColumn("_p", F.spark_partition_id())
         .withColumn("_m", F.monotonically_increasing_id())
-        .persist(StorageLevel.MEMORY_AND_DISK)
     )
     parts = ordered.groupBy("_p").agg(F.count(F.lit(1)).alias("_n"), F.min("_m").alias("_first"))
     offsets, start = [], 0
@@ -438,10 +440,10 @@ def run_prepare(spark: SparkSession, config: Config, timer: Timer | None = None)
                 queries_ok = keep(raw.queries.frame.where(F.col("reason").isNull()).drop(*slim))
                 items_ok = keep(raw.items.frame.where(F.col("reason").isNull()).drop(*slim))
                 query_map = keep(
-                    dense_index(spark, queries_ok.select("key"), [F.col("key")], "query_idx")
+                    dense_index(spark, queries_ok.select("key"), [F.col("key")], "query_idx", keep)
                 )
                 item_map = keep(
-                    dense_index(spark, items_ok.select("key"), [F.col("key")], "item_idx")
+                    dense_index(spark, items_ok.select("key"), [F.col("key")], "item_idx", keep)
                 )
 
             with timer.phase("check and split labels"):

@@ -27,10 +27,12 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 import torch
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from adjoint_spark.feed import (
+    HistoryRule,
     TrainBatch,
     assemble_batch,
     feature_columns,
@@ -106,7 +108,13 @@ def materialize_epoch(
         negatives_udf(spec, epoch, counts_path, manifest["num_items"]), NEG_SCHEMA
     )
     order = [F.col("order_key"), F.col("query_idx"), F.col("item_idx")]
-    ranked = dense_index(spark, drawn, order, "rank").drop("order_key")
+    persisted: list[DataFrame] = []
+
+    def keep(df: DataFrame) -> DataFrame:
+        persisted.append(df.persist(StorageLevel.MEMORY_AND_DISK))
+        return df
+
+    ranked = dense_index(spark, drawn, order, "rank", keep).drop("order_key")
 
     queries = spark.read.parquet(join(prepared, "queries"))
     qcols = feature_columns(manifest, "queries")
@@ -124,13 +132,17 @@ def materialize_epoch(
     if spec.num_negatives:
         examples = examples.join(negative_features(ranked, items, icols), "rank")
     out = join(folder, f"epoch={epoch}")
-    (
-        examples.repartitionByRange(max(1, spark.sparkContext.defaultParallelism), "rank")
-        .sortWithinPartitions("rank")
-        .write.mode("overwrite")
-        .option("parquet.block.size", ROW_GROUP_BYTES)
-        .parquet(out)
-    )
+    try:
+        (
+            examples.repartitionByRange(max(1, spark.sparkContext.defaultParallelism), "rank")
+            .sortWithinPartitions("rank")
+            .write.mode("overwrite")
+            .option("parquet.block.size", ROW_GROUP_BYTES)
+            .parquet(out)
+        )
+    finally:
+        for df in persisted:
+            df.unpersist()
     return out
 
 
@@ -182,12 +194,15 @@ class StreamFeed:
         batch_size: int,
         folder: str,
         workers: int = 2,
+        num_epochs: int | None = None,
+        history_sample: int = 0,
     ):
         self.spark, self.prepared, self.manifest = spark, prepared, manifest
+        self.num_epochs = num_epochs
         self.spec, self.batch_size, self.folder, self.workers = spec, batch_size, folder, workers
         self.storage = Storage(spark)
         self.num_items = manifest["num_items"]
-        self.history_columns = history_columns(manifest)
+        self.rule = HistoryRule(tuple(history_columns(manifest)), history_sample, spec.seed)
         self.qcols = feature_columns(manifest, "queries")
         self.icols = item_columns(manifest)
         pairs = spark.read.parquet(join(prepared, "train_pairs"))
@@ -249,7 +264,7 @@ class StreamFeed:
         if prefetch and (self.num_epochs is None or epoch + 1 < self.num_epochs):
             self._start(epoch + 1)
         try:
-            yield from self.read_batches(path)
+            yield from self.read_batches(path, epoch)
         finally:
             self.storage.delete(path)
 
@@ -258,7 +273,7 @@ class StreamFeed:
             thread.join()
         self._pending.clear()
 
-    def read_batches(self, path: str) -> Iterator[TrainBatch]:
+    def read_batches(self, path: str, epoch: int) -> Iterator[TrainBatch]:
         from petastorm import make_batch_reader
 
         buffer = ReorderBuffer()
@@ -284,13 +299,13 @@ class StreamFeed:
                         while len(carry["rank"]) >= self.batch_size:
                             head = {k: v[: self.batch_size] for k, v in carry.items()}
                             carry = {k: v[self.batch_size :] for k, v in carry.items()}
-                            yield self.to_batch(head)
+                            yield self.to_batch(head, epoch)
         if carry is not None and len(carry["rank"]):
-            yield self.to_batch(carry)
+            yield self.to_batch(carry, epoch)
         assert not buffer.heap, f"ranks missing after {buffer.next_rank} in {path}"
         logger.debug("reorder buffer held at most %d chunks", buffer.max_held)
 
-    def to_batch(self, rows: dict[str, np.ndarray]) -> TrainBatch:
+    def to_batch(self, rows: dict[str, np.ndarray], epoch: int) -> TrainBatch:
         b = len(rows["rank"])
         n = self.spec.num_negatives
         query = {"idx": torch.from_numpy(rows["query_idx"].astype(np.int64))}
@@ -323,7 +338,8 @@ class StreamFeed:
             torch.from_numpy(neg_item),
             torch.from_numpy(valid),
             item_features,
-            self.history_columns,
+            self.rule,
+            epoch,
         )
 
 

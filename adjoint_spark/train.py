@@ -84,6 +84,8 @@ def tower_shapes(cfg: TrainConfig) -> tuple[TowerShape, TowerShape]:
             pooling=cfg.pooling,
             final_activation=cfg.final_activation,
             use_id=tower.use_id,
+            combine=cfg.combine,
+            sequence_projection=cfg.sequence_projection,
         )
 
     return shape(cfg.query), shape(cfg.item)
@@ -156,7 +158,9 @@ def compute_loss(
             "neg_valid": batch.neg_valid,
             "neg_log_q": torch.full_like(neg, -float(np.log(len(log_q)))),
         }
-    return in_batch_softmax_loss(q, pos_vec, pos_idx, log_q[pos_idx], model.scale, **extra)
+    return in_batch_softmax_loss(
+        q, pos_vec, pos_idx, log_q[pos_idx], model.scale, own=batch.own, **extra
+    )
 
 
 @torch.no_grad()
@@ -310,8 +314,11 @@ def make_feed(spark, cfg: TrainConfig, prepared: str, manifest: dict, output: st
             join(output, "_stream"),
             cfg.reader_workers,
             cfg.epochs,
+            cfg.history_sample,
         )
-    return MemoryFeed(prepared, manifest, spec, cfg.batch_size, cfg.reader_workers)
+    return MemoryFeed(
+        prepared, manifest, spec, cfg.batch_size, cfg.reader_workers, cfg.history_sample
+    )
 
 
 def eval_data(spark, prepared: str, max_queries: int, seed: int) -> EvalData:

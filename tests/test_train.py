@@ -140,3 +140,17 @@ def test_both_feeds_give_the_same_batches(spark, prepared, tmp_path):
     stream.close()
     # Each epoch's example files are removed once read.
     assert not [p for p in os.listdir(tmp_path / "stream") if p.startswith("epoch=")]
+
+
+def test_stream_training_matches_memory_training(spark, prepared, tmp_path):
+    runs = {}
+    for feed in ("memory", "stream"):
+        out = str(tmp_path / feed)
+        copy_prepared(prepared, out)
+        runs[feed] = run_train(spark, config_for(prepared, out, epochs=2, feed=feed))
+        assert not os.path.exists(os.path.join(out, "_stream"))
+    # Same batches, same initial weights, one thread: the same losses and metrics.
+    assert [h["loss"] for h in runs["stream"].history] == [
+        h["loss"] for h in runs["memory"].history
+    ]
+    assert runs["stream"].best_metrics == runs["memory"].best_metrics
