@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= conf/movielens-100k.yaml
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format bench-prepare check-java clean
+.PHONY: run test format bench-prepare bench-quality bench-train-speed check-java clean
 
 check-java:
 	@command -v java >/dev/null 2>&1 || { \
@@ -40,6 +40,12 @@ format: $(VENV)/.test-installed
 
 bench-prepare: check-java $(VENV)/.test-installed
 	$(PY) bench/prepare.py
+
+bench-quality: check-java $(VENV)/.test-installed
+	$(PY) bench/quality.py
+
+bench-train-speed: check-java $(VENV)/.test-installed
+	$(PY) bench/train_speed.py
 
 clean:
 	rm -rf runs build bench/out .pytest_cache

@@ -32,11 +32,18 @@ COLUMNS = ["precision@10", "recall@10", "ndcg@10", "map@10", "recall@40", "ndcg@
            "micro_recall@40"]  # fmt: skip
 
 # Settings that belong to one loss; everything else comes from the config's train section.
+# Uniform negatives: drawing half of them by popularity cost sampled softmax 0.09
+# NDCG@10 in a probe here (0.390 against 0.479).
+NEGATIVES = {"num_negatives": 31, "num_popular_negatives": 0}
 LOSS_SETTINGS = {
-    "hinge": {"loss": "hinge", "margin": 0.1},
-    "logistic": {"loss": "logistic"},
-    "sampled_softmax": {"loss": "sampled_softmax"},
-    "in_batch_softmax": {"loss": "in_batch_softmax"},
+    "hinge": {"loss": "hinge", "margin": 0.1, **NEGATIVES},
+    "logistic": {"loss": "logistic", "temperature": 0.1, **NEGATIVES},
+    "sampled_softmax": {"loss": "sampled_softmax", **NEGATIVES},
+    "in_batch_softmax": {
+        "loss": "in_batch_softmax",
+        "num_negatives": 0,
+        "num_popular_negatives": 0,
+    },
 }
 
 
@@ -72,7 +79,7 @@ def als_grid(spark, train, test, num_queries, num_items, quick: bool) -> tuple[d
     import pandas as pd
 
     df = spark.createDataFrame(pd.DataFrame(pdf)).cache()
-    grid = {"rank": [64, 128], "regParam": [0.01, 0.1], "alpha": [1.0, 10.0, 40.0]}
+    grid = {"rank": [64, 128], "regParam": [0.1, 1.0, 3.0], "alpha": [5.0, 20.0, 40.0]}
     if quick:
         grid = {"rank": [64], "regParam": [0.1], "alpha": [10.0]}
     best, best_params, tried = None, None, []
