@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from pyspark.sql import SparkSession
@@ -28,6 +29,9 @@ def get_spark(settings: SparkSettings) -> SparkSession:
         return active
     from pyspark import SparkConf
 
+    # Python workers of a session started here (not by spark-submit) use this Python,
+    # which has the dependencies; the interpreter on PATH may not.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     submitted = SparkConf()
     if settings.master and not submitted.contains("spark.master"):
         builder = builder.master(settings.master)

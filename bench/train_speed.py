@@ -37,6 +37,7 @@ def child(config_path: str, feed: str, result_path: str) -> None:
     from adjoint_spark.train import run_train
 
     setup_logging("INFO")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     spark = (
         SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")
         .config("spark.driver.memory", "4g").config("spark.sql.shuffle.partitions", "8")
@@ -71,9 +72,11 @@ def prepare(folder: str, queries: int, items: int, per_query: int) -> str:
                        num_partitions=8)  # fmt: skip
     with open(config_path, "w") as fh:
         yaml.safe_dump(data, fh)
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     spark = (
         SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")
-        .config("spark.driver.memory", "6g").getOrCreate()
+        .config("spark.driver.memory", "6g").config("spark.sql.shuffle.partitions", "8")
+        .getOrCreate()
     )  # fmt: skip
     run_prepare(spark, load_config(config_path))
     return config_path
