@@ -49,14 +49,15 @@ def test_split_is_75_25_per_user(movielens):
 
 
 def test_history_holds_only_train_items(movielens):
-    _, tables = movielens
+    result, tables = movielens
+    max_len = result.manifest["features"]["queries"]["sequences"][0]["max_len"]
     queries, train = tables["queries"], tables["train_pairs"]
     train_sets = train.groupby("query_idx")["item_idx"].apply(set).to_dict()
     for idx, hist in zip(queries["query_idx"], queries["seq_history"], strict=True):
         items = [h - 1 for h in hist if h > 0]
-        assert len(hist) == 50
+        assert len(hist) == max_len
         assert set(items) <= train_sets[idx]
-        assert len(items) == min(50, len(train_sets[idx]))
+        assert len(items) == min(max_len, len(train_sets[idx]))
 
 
 def test_features_and_spec(movielens):
