@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from adjoint_spark.config import DatasetConfig, EntitySource, LabelSource, PrepareConfig
 from adjoint_spark.storage import Storage
@@ -538,6 +537,3 @@ def read_dataset(
     if dataset.test_labels is not None:
         test_labels = read_labels(spark, storage, "test_labels", dataset.test_labels, dataset)
     return RawDataset(queries, items, labels, test_labels)
-
-
-__all__ = ["PrepareError", "RawDataset", "read_dataset", "T"]

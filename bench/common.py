@@ -86,6 +86,25 @@ def run_measured(cmd: list[str], log_path: str) -> tuple[float, dict, int]:
     return seconds, mem.as_dict(), code
 
 
+def local_session(app: str, driver_memory: str = "4g"):
+    """A local[2] Spark session for a benchmark, its Python workers on this interpreter."""
+    import sys
+
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    spark = (
+        SparkSession.builder.master("local[2]")
+        .appName(app)
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "8")
+        .config("spark.driver.memory", driver_memory)
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
 def save(name: str, result: dict) -> str:
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, f"{name}.json")

@@ -26,7 +26,7 @@ from adjoint_spark.metrics import evaluate_top_k
 from adjoint_spark.prepare import run_prepare
 from adjoint_spark.session import setup_logging
 from adjoint_spark.train import run_train
-from bench.common import OUT, ROOT, save
+from bench.common import OUT, ROOT, local_session, save
 
 COLUMNS = ["precision@10", "recall@10", "ndcg@10", "map@10", "recall@40", "ndcg@40",
            "micro_recall@40"]  # fmt: skip
@@ -113,14 +113,7 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
     setup_logging("WARNING")
-    from pyspark.sql import SparkSession
-
-    spark = (
-        SparkSession.builder.master("local[2]").appName("bench-quality")
-        .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "8")
-        .config("spark.driver.memory", "4g").getOrCreate()
-    )  # fmt: skip
-    spark.sparkContext.setLogLevel("ERROR")
+    spark = local_session("bench-quality")
     out = os.path.join(OUT, "quality-run")
     base = load_config(args.config, [f"output={out}", *args.overrides])
     start = time.perf_counter()

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import OUT, PeakMemory, save
+from bench.common import OUT, PeakMemory, local_session, save
 
 TRAIN = [
     "train.loss=hinge", "train.margin=0.1", "train.optimizer=adam", "train.lr=0.002",
@@ -30,20 +30,12 @@ TRAIN = [
 
 def child(config_path: str, feed: str, result_path: str) -> None:
     """Train in this process and write the history (run by the parent, measured)."""
-    from pyspark.sql import SparkSession
-
     from adjoint_spark.config import load_config
     from adjoint_spark.session import setup_logging
     from adjoint_spark.train import run_train
 
     setup_logging("INFO")
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    spark = (
-        SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")
-        .config("spark.driver.memory", "4g").config("spark.sql.shuffle.partitions", "8")
-        .getOrCreate()
-    )  # fmt: skip
-    spark.sparkContext.setLogLevel("ERROR")
+    spark = local_session("bench-train-speed")
     config = load_config(config_path, [*TRAIN, f"train.feed={feed}"])
     result = run_train(spark, config)
     with open(result_path, "w") as fh:
@@ -52,7 +44,6 @@ def child(config_path: str, feed: str, result_path: str) -> None:
 
 def prepare(folder: str, queries: int, items: int, per_query: int) -> str:
     import yaml
-    from pyspark.sql import SparkSession
 
     from adjoint_spark.config import load_config
     from adjoint_spark.prepare import run_prepare
@@ -72,12 +63,7 @@ def prepare(folder: str, queries: int, items: int, per_query: int) -> str:
                        num_partitions=8)  # fmt: skip
     with open(config_path, "w") as fh:
         yaml.safe_dump(data, fh)
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    spark = (
-        SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")
-        .config("spark.driver.memory", "6g").config("spark.sql.shuffle.partitions", "8")
-        .getOrCreate()
-    )  # fmt: skip
+    spark = local_session("bench-train-speed-prepare", driver_memory="6g")
     run_prepare(spark, load_config(config_path))
     return config_path
 
