@@ -53,3 +53,6 @@ def setup_logging(level: str = "INFO") -> None:
         force=True,
     )
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    # Petastorm logs a line per dataset it opens (it cannot find its own metadata in
+    # Parquet written by Spark, which is expected here).
+    logging.getLogger("petastorm").setLevel(logging.WARNING)
