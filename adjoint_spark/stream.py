@@ -88,10 +88,6 @@ NEG_SCHEMA = (
 )
 
 
-def item_columns(manifest: dict) -> list[str]:
-    return feature_columns(manifest, "items")
-
-
 def materialize_epoch(
     spark: SparkSession,
     prepared: str,
@@ -122,7 +118,7 @@ def materialize_epoch(
         queries.select("query_idx", *[F.col(c).alias(f"q_{c}") for c in qcols]), "query_idx"
     )
     items = spark.read.parquet(join(prepared, "items"))
-    icols = item_columns(manifest)
+    icols = feature_columns(manifest, "items")
     examples = examples.join(
         items.select(
             F.col("item_idx").alias("item_idx"), *[F.col(c).alias(f"p_{c}") for c in icols]
@@ -204,7 +200,7 @@ class StreamFeed:
         self.num_items = manifest["num_items"]
         self.rule = HistoryRule(tuple(history_columns(manifest)), history_sample, spec.seed)
         self.qcols = feature_columns(manifest, "queries")
-        self.icols = item_columns(manifest)
+        self.icols = feature_columns(manifest, "items")
         pairs = spark.read.parquet(join(prepared, "train_pairs"))
         self.counts_path = join(folder, "item_counts")
         counts = pairs.groupBy("item_idx").count()

@@ -364,8 +364,12 @@ def run_train(
         logger.info("training on %s with %d torch threads", device, threads)
         with timer.phase("load"):
             feed = make_feed(spark, cfg, prepared, manifest, config.output)
-            queries = load_features(prepared, manifest, "queries", cfg.reader_workers)
-            items = load_features(prepared, manifest, "items", cfg.reader_workers)
+            # The memory feed already holds both tables; the stream feed reads them here.
+            if isinstance(feed, MemoryFeed):
+                queries, items = feed.queries, feed.items
+            else:
+                queries = load_features(prepared, manifest, "queries", cfg.reader_workers)
+                items = load_features(prepared, manifest, "items", cfg.reader_workers)
             data = eval_data(spark, prepared, cfg.eval_queries, cfg.seed)
         model = build_model(manifest, cfg).to(device)
         opt, sched = build_optimizer(model, cfg)
