@@ -318,6 +318,68 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class IndexConfig:
+    """The faiss index built from the item vectors by the index stage.
+
+    ``factory`` is a faiss factory string whose index is IVF (so shards built on
+    partitions can be merged); its nlist is lowered by rule when the catalogue has
+    fewer than ``min_train_per_list`` items per list. The whole index is trained once
+    on a random sample of at most ``max_train_per_list`` vectors per list.
+    """
+
+    factory: str = "IVF4096,SQ8"
+    min_train_per_list: int = 39
+    max_train_per_list: int = 256
+    merge: Literal["auto", "memory", "ondisk"] = "auto"
+    merge_memory_mb: int = 2048  # auto: merge on disk when the index is larger
+    target_recall: float = 0.95
+    sweep_queries: int = 1000
+    sweep_k: int = 40
+    num_partitions: int = 0  # 0: the partitions of the prepared items
+    batch_size: int = 4096
+    seed: int = 7
+
+    def validate(self) -> None:
+        if "IVF" not in self.factory:
+            _fail("index.factory", self.factory, "a faiss factory string with an IVF index")
+        if not 1 <= self.min_train_per_list <= self.max_train_per_list:
+            _fail(
+                "index.min_train_per_list/max_train_per_list",
+                (self.min_train_per_list, self.max_train_per_list),
+                "1 <= min_train_per_list <= max_train_per_list",
+            )
+        if not 0.0 < self.target_recall <= 1.0:
+            _fail("index.target_recall", self.target_recall, "a number in (0, 1]")
+        for name in ("merge_memory_mb", "sweep_queries", "sweep_k", "batch_size"):
+            if getattr(self, name) < 1:
+                _fail(f"index.{name}", getattr(self, name), "an integer >= 1")
+        if self.num_partitions < 0:
+            _fail("index.num_partitions", self.num_partitions, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class RetrieveConfig:
+    """Top-K items per query through the merged index (retrieve stage)."""
+
+    top_k: int = 40
+    exclude_train: bool = True
+    nprobe: int = 0  # 0: the nprobe the index stage chose by its recall sweep
+    num_partitions: int = 0  # 0: the partitions of the prepared queries
+    batch_size: int = 1024
+    eval_ks: tuple[int, ...] = (10, 40)
+
+    def validate(self) -> None:
+        for name in ("top_k", "batch_size"):
+            if getattr(self, name) < 1:
+                _fail(f"retrieve.{name}", getattr(self, name), "an integer >= 1")
+        if self.nprobe < 0 or self.num_partitions < 0:
+            _fail("retrieve.nprobe/num_partitions", (self.nprobe, self.num_partitions),
+                  "integers >= 0")  # fmt: skip
+        if not self.eval_ks or min(self.eval_ks) < 1 or max(self.eval_ks) > self.top_k:
+            _fail("retrieve.eval_ks", self.eval_ks, f"integers in [1, top_k={self.top_k}]")
+
+
+@dataclass(frozen=True)
 class SparkSettings:
     """Defaults for the Spark session; spark-submit options take precedence."""
 
@@ -332,6 +394,8 @@ class Config:
     output: str
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
     spark: SparkSettings = field(default_factory=SparkSettings)
 
     def validate(self) -> None:
@@ -340,6 +404,8 @@ class Config:
         self.dataset.validate()
         self.prepare.validate()
         self.train.validate()
+        self.index.validate()
+        self.retrieve.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 
@@ -31,6 +32,43 @@ def to_uri(path: str) -> str:
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def local_path(uri: str) -> str | None:
+    """The local file system path of ``uri``, or None when it is on another file system."""
+    if uri.startswith("file://"):
+        return uri[len("file://") :]
+    if uri.startswith("file:"):
+        return uri[len("file:") :]
+    return None if "://" in uri else os.path.abspath(uri)
+
+
+def put_file(local: str, uri: str) -> None:
+    """Copy a local file to ``uri`` without the JVM (for Python code on executors).
+
+    Local and ``file:`` destinations get an atomic rename, so a retried or speculative
+    task attempt never leaves a half-written file; other schemes go through pyarrow's
+    file systems (``s3a://`` is read as ``s3://``).
+    """
+    target = local_path(uri)
+    if target is not None:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, target)
+        return
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(uri.replace("s3a://", "s3://", 1))
+    fs.copy_files(local, path, destination_filesystem=filesystem)
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -84,6 +122,27 @@ class Storage:
             stream.close()
         assert len(data) == length, f"short read of {uri}: {len(data)} of {length} bytes"
         return data
+
+    def copy_to_local(self, uri: str, local: str) -> None:
+        fs, path = self._fs(uri)
+        fs.copyToLocalFile(False, path, self.spark._jvm.org.apache.hadoop.fs.Path(local), True)
+
+    def copy_from_local(self, local: str, uri: str) -> None:
+        fs, path = self._fs(uri)
+        src = self.spark._jvm.org.apache.hadoop.fs.Path(to_uri(local))
+        fs.copyFromLocalFile(False, True, src, path)
+
+    def publish_json(self, uri: str, obj: object) -> None:
+        """Replace the file ``uri`` with ``obj`` as JSON: written aside, then renamed."""
+        tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
+        self.write_json(tmp, obj)
+        old = f"{uri}.old-{uuid.uuid4().hex[:8]}"
+        had_previous = self.exists(uri)
+        if had_previous:
+            self.rename(uri, old)
+        self.rename(tmp, uri)
+        if had_previous:
+            self.delete(old)
 
     def write_json(self, uri: str, obj: object) -> None:
         self.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=False).encode("utf-8"))
@@ -164,6 +223,7 @@ class Staging:
         """Move the staging folder to its final name, replacing the previous output."""
         old = join(self.output, STAGING_DIR, f"{self.name}-{self.run_id}-previous")
         had_previous = self.storage.exists(self.final)
+        self.storage.mkdirs(self.final.rsplit("/", 1)[0])
         if had_previous:
             self.storage.rename(self.final, old)
         try:

@@ -356,6 +356,7 @@ def run_train(
     cfg = config.train
     storage = Storage(spark)
     prepared = join(config.output, "prepared")
+    started = time.perf_counter()
     with timer.phase("train"):
         manifest = read_manifest(storage, prepared)
         torch.manual_seed(cfg.seed)
@@ -424,7 +425,7 @@ def run_train(
                 None, best["epoch"] if best else 0, best["metrics"] if best else {}, history
             )
         with timer.phase("write"):
-            path = publish_model(storage, config, manifest, best, history, threads, device)
+            path = publish_model(storage, config, manifest, best, history, threads, device, started)
     return TrainResult(path, best["epoch"], best["metrics"], history)
 
 
@@ -502,6 +503,7 @@ def publish_model(
     history: list[dict],
     threads: int,
     device,
+    started: float,
 ) -> str:
     cfg = config.train
     with Staging(storage, config.output, "model") as stage:
@@ -521,6 +523,7 @@ def publish_model(
             "fingerprint": spec_fingerprint(manifest, cfg),
             "device": str(device),
             "threads": threads,
+            "seconds": round(time.perf_counter() - started, 3),
         }
         with open(os.path.join(local, "model.json"), "w") as fh:
             json.dump(info, fh, indent=2)

@@ -1,0 +1,194 @@
+"""Embedding rows of the prepared tables with one tower of a trained model, in Spark.
+
+The driver reads ``model/model.json`` and ``model/model.pt`` once (:class:`ModelArtifact`)
+and broadcasts the state of ONE tower (its weights and the shared item-id table); each
+Python worker rebuilds that tower once and keeps it for the tasks it runs. The
+functions given to ``mapInPandas`` are built by :func:`embed_partitions` and take their
+thread count from the task's ``spark.task.cpus``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from adjoint_spark.model import Tower, TowerShape, TowerSpec
+from adjoint_spark.storage import Storage, join
+
+logger = logging.getLogger(__name__)
+
+SIDES = {"query": ("queries", "query_id", "query_idx"), "item": ("items", "item_id", "item_idx")}
+
+
+class ArtifactError(ValueError):
+    """A model, index or prepared output that does not belong with the others."""
+
+
+@dataclass(frozen=True)
+class ModelArtifact:
+    """A trained model as published by the train stage.
+
+    Attributes:
+        info: the parsed ``model.json``.
+        state: the raw bytes of ``model.pt``.
+        fingerprint: SHA-256 of ``model.pt``; the index records it.
+    """
+
+    path: str
+    info: dict
+    state: bytes
+    fingerprint: str
+
+    @staticmethod
+    def read(storage: Storage, output: str) -> ModelArtifact:
+        path = join(output, "model")
+        for name in ("model.json", "model.pt"):
+            if not storage.exists(join(path, name)):
+                raise FileNotFoundError(
+                    f"{join(path, name)} does not exist: run the train stage first"
+                )
+        info = storage.read_json(join(path, "model.json"))
+        state = storage.read_bytes(join(path, "model.pt"))
+        return ModelArtifact(path, info, state, hashlib.sha256(state).hexdigest())
+
+    def check_prepared(self, manifest: dict, manifest_path: str) -> None:
+        """Refuse prepared data whose features differ from those the model was trained on."""
+        for key in ("features", "num_items", "num_queries"):
+            if manifest.get(key) != self.info.get(key):
+                raise ArtifactError(
+                    f"{self.path}/model.json and {manifest_path} disagree on '{key}': the model "
+                    "was trained on other prepared data; train again on this data"
+                )
+
+    def tower_state(self, side: str) -> bytes:
+        """The state dict of one tower (with the shared item-id table), serialised."""
+        state = torch.load(io.BytesIO(self.state), weights_only=True, map_location="cpu")
+        prefix = f"{side}_tower."
+        tower = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        assert tower, f"model.pt has no {side} tower weights"
+        buf = io.BytesIO()
+        torch.save(tower, buf)
+        return buf.getvalue()
+
+    def tower_payload(self, side: str) -> dict:
+        """What an executor needs to rebuild one tower: small enough to broadcast."""
+        return {
+            "side": side,
+            "fingerprint": self.fingerprint,
+            "info": json.dumps(
+                {k: self.info[k] for k in ("features", "num_items", "num_queries", f"{side}_tower")}
+            ),
+            "state": self.tower_state(side),
+        }
+
+
+def build_tower(payload: dict) -> Tower:
+    """Rebuild one tower in eval mode from :meth:`ModelArtifact.tower_payload`."""
+    info = json.loads(payload["info"])
+    side = payload["side"]
+    spec = TowerSpec.from_manifest(info, side)
+    shape = TowerShape(**info[f"{side}_tower"])
+    item_table = torch.nn.Embedding(info["num_items"] + 1, shape.feature_dim, padding_idx=0)
+    tower = Tower(spec, shape, item_table, side)
+    state = torch.load(io.BytesIO(payload["state"]), weights_only=True, map_location="cpu")
+    tower.load_state_dict(state)
+    tower.eval()
+    return tower
+
+
+_TOWERS: dict[tuple[str, str], Tower] = {}
+
+
+def cached_tower(payload: dict) -> Tower:
+    """One tower per Python worker and model (Spark reuses workers across tasks)."""
+    key = (payload["fingerprint"], payload["side"])
+    if key not in _TOWERS:
+        _TOWERS.clear()
+        _TOWERS[key] = build_tower(payload)
+    return _TOWERS[key]
+
+
+def task_threads() -> int:
+    """The cores Spark gave this task (``spark.task.cpus``); 1 outside a task."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    return max(1, int(ctx.cpus())) if ctx is not None else 1
+
+
+def set_threads(threads: int) -> None:
+    """Torch and faiss threads: each brings its own OpenMP pool; oversubscribed, they
+    cost several times the run time, so both get exactly the task's cores."""
+    import faiss
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def frame_to_batch(frame: pd.DataFrame, columns: list[str], idx_column: str) -> dict:
+    """Tensors of one tower's inputs from a pandas frame of a prepared table."""
+    batch = {"idx": torch.from_numpy(frame[idx_column].to_numpy(np.int64))}
+    for name in columns:
+        values = np.stack(frame[name].to_numpy()) if len(frame) else np.zeros((0, 0))
+        dtype = np.float32 if name == "num" else np.int64
+        batch[name] = torch.from_numpy(np.ascontiguousarray(values, dtype=dtype))
+    return batch
+
+
+def tower_columns(spec: TowerSpec) -> list[str]:
+    """The prepared-table columns a tower reads (besides the entity index)."""
+    columns = ["num"] if spec.num_numeric else []
+    columns += ["cat"] if spec.cat_sizes else []
+    return columns + [column for column, _ in spec.sequences]
+
+
+@torch.no_grad()
+def embed_frame(tower: Tower, frame: pd.DataFrame, batch_size: int) -> np.ndarray:
+    """(len(frame), D) float32 unit vectors of the rows of ``frame``."""
+    idx_column = SIDES[tower.side][2]
+    columns = tower_columns(tower.spec)
+    out = []
+    for start in range(0, len(frame), batch_size):
+        part = frame.iloc[start : start + batch_size]
+        out.append(tower(frame_to_batch(part, columns, idx_column)).numpy())
+    dim = tower.shape.embedding_dim
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+
+def vector_schema(id_type: str) -> str:
+    """The Parquet schema of ``vectors/items`` and ``vectors/queries``."""
+    return f"id {id_type}, idx long, embedding array<float>"
+
+
+def embed_partitions(
+    payload, batch_size: int
+) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """The function ``mapInPandas`` runs: prepared rows in, (id, idx, embedding) out.
+
+    ``payload`` is a broadcast of :meth:`ModelArtifact.tower_payload` (or the dict).
+    """
+
+    def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        value = payload.value if hasattr(payload, "value") else payload
+        set_threads(task_threads())
+        tower = cached_tower(value)
+        _, id_column, idx_column = SIDES[value["side"]]
+        for frame in frames:
+            vectors = embed_frame(tower, frame, batch_size)
+            yield pd.DataFrame(
+                {
+                    "id": frame[id_column].to_numpy(),
+                    "idx": frame[idx_column].to_numpy(np.int64),
+                    "embedding": list(vectors),
+                }
+            )
+
+    return run

@@ -1,0 +1,9 @@
+"""spark-submit entry point: the report stage (see adjoint_spark/report.py)."""
+
+import sys
+
+from adjoint_spark.cli import main
+from adjoint_spark.pipeline import run_stages
+
+if __name__ == "__main__":
+    sys.exit(main(__doc__, lambda config: run_stages(config, ["report"])))
