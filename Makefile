@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= conf/movielens-100k.yaml
 PYTEST_ARGS ?=
 
-.PHONY: run test format bench-prepare bench-quality bench-train-speed check-java clean
+.PHONY: run test format bench-prepare bench-quality bench-train-speed bench-index check-java clean
 
 check-java:
 	@command -v java >/dev/null 2>&1 || { \
@@ -46,6 +46,9 @@ bench-quality: check-java $(VENV)/.test-installed
 
 bench-train-speed: check-java $(VENV)/.test-installed
 	$(PY) bench/train_speed.py
+
+bench-index: check-java $(VENV)/.test-installed
+	$(PY) bench/index.py
 
 clean:
 	rm -rf runs build bench/out .pytest_cache

@@ -10,11 +10,12 @@ from collections.abc import Callable
 from adjoint_spark.config import Config, ConfigError, load_config
 from adjoint_spark.readers import PrepareError
 from adjoint_spark.session import setup_logging
+from adjoint_spark.storage import ArtifactError
 
 logger = logging.getLogger(__name__)
 
 # Errors a user can act on: printed as one line, exit status 2, no traceback.
-USER_ERRORS = (ConfigError, PrepareError, FileNotFoundError)
+USER_ERRORS = (ConfigError, PrepareError, ArtifactError, FileNotFoundError)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

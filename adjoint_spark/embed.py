@@ -21,15 +21,11 @@ import pandas as pd
 import torch
 
 from adjoint_spark.model import Tower, TowerShape, TowerSpec
-from adjoint_spark.storage import Storage, join
+from adjoint_spark.storage import ArtifactError, Storage, join
 
 logger = logging.getLogger(__name__)
 
 SIDES = {"query": ("queries", "query_id", "query_idx"), "item": ("items", "item_id", "item_idx")}
-
-
-class ArtifactError(ValueError):
-    """A model, index or prepared output that does not belong with the others."""
 
 
 @dataclass(frozen=True)

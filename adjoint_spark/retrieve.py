@@ -24,7 +24,6 @@ import pandas as pd
 
 from adjoint_spark.config import Config
 from adjoint_spark.embed import (
-    ArtifactError,
     ModelArtifact,
     embed_partitions,
     set_threads,
@@ -32,7 +31,7 @@ from adjoint_spark.embed import (
     vector_schema,
 )
 from adjoint_spark.index import read_json_required
-from adjoint_spark.storage import Staging, Storage, join, sha256_file
+from adjoint_spark.storage import ArtifactError, Staging, Storage, join, sha256_file
 from adjoint_spark.timing import Timer
 
 logger = logging.getLogger(__name__)

@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 STAGING_DIR = "_staging"
 
 
+class ArtifactError(ValueError):
+    """An output of an earlier stage that is damaged or does not belong with the others."""
+
+
 def to_uri(path: str) -> str:
     """A path as a URI; plain local paths become absolute ``file:`` URIs."""
     if "://" in path or path.startswith("file:"):
@@ -81,7 +85,12 @@ class Storage:
         jvm = self.spark._jvm
         path = jvm.org.apache.hadoop.fs.Path(to_uri(uri))
         conf = self.spark._jsc.hadoopConfiguration()
-        return path.getFileSystem(conf), path
+        fs = path.getFileSystem(conf)
+        if fs.getScheme() == "file":
+            # The raw local file system: no .crc side files next to published outputs,
+            # and files written by faiss, torch or a user's editor read back as they are.
+            fs = fs.getRawFileSystem()
+        return fs, path
 
     def exists(self, uri: str) -> bool:
         fs, path = self._fs(uri)
@@ -148,7 +157,10 @@ class Storage:
         self.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=False).encode("utf-8"))
 
     def read_json(self, uri: str) -> object:
-        return json.loads(self.read_bytes(uri).decode("utf-8"))
+        try:
+            return json.loads(self.read_bytes(uri).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{uri} is not valid JSON ({exc}): it is damaged") from None
 
     def list_files(self, uri: str) -> list[str]:
         """Data files under ``uri`` (a file, or a folder walked recursively), sorted;
@@ -204,7 +216,7 @@ class Staging:
         self.output = output
         self.name = name
         self.run_id = uuid.uuid4().hex[:12]
-        self.path = join(output, STAGING_DIR, f"{name}-{self.run_id}")
+        self.path = join(output, STAGING_DIR, f"{name.replace('/', '-')}-{self.run_id}")
         self.final = join(output, name)
 
     def __enter__(self) -> Staging:
@@ -221,7 +233,7 @@ class Staging:
 
     def publish(self) -> str:
         """Move the staging folder to its final name, replacing the previous output."""
-        old = join(self.output, STAGING_DIR, f"{self.name}-{self.run_id}-previous")
+        old = f"{self.path}-previous"
         had_previous = self.storage.exists(self.final)
         self.storage.mkdirs(self.final.rsplit("/", 1)[0])
         if had_previous:
