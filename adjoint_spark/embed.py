@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from adjoint_spark.faults import maybe_fail_task
 from adjoint_spark.model import Tower, TowerShape, TowerSpec
 from adjoint_spark.storage import ArtifactError, Storage, join
 
@@ -66,7 +67,14 @@ class ModelArtifact:
 
     def tower_state(self, side: str) -> bytes:
         """The state dict of one tower (with the shared item-id table), serialised."""
-        state = torch.load(io.BytesIO(self.state), weights_only=True, map_location="cpu")
+        try:
+            # weights_only: tensors and plain containers only, never arbitrary objects.
+            state = torch.load(io.BytesIO(self.state), weights_only=True, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - any failure means an unusable file
+            raise ArtifactError(
+                f"{self.path}/model.pt cannot be loaded as a plain state dict ({exc}); "
+                "it is damaged or not written by the train stage: train again"
+            ) from None
         prefix = f"{side}_tower."
         tower = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         assert tower, f"model.pt has no {side} tower weights"
@@ -165,14 +173,16 @@ def vector_schema(id_type: str) -> str:
 
 
 def embed_partitions(
-    payload, batch_size: int
+    payload, batch_size: int, fail: frozenset[int] = frozenset()
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """The function ``mapInPandas`` runs: prepared rows in, (id, idx, embedding) out.
 
-    ``payload`` is a broadcast of :meth:`ModelArtifact.tower_payload` (or the dict).
+    ``payload`` is a broadcast of :meth:`ModelArtifact.tower_payload` (or the dict);
+    ``fail``: partitions whose first attempt fails (:mod:`adjoint_spark.faults`).
     """
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        maybe_fail_task("embed", fail)
         value = payload.value if hasattr(payload, "value") else payload
         set_threads(task_threads())
         tower = cached_tower(value)

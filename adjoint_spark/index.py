@@ -40,6 +40,7 @@ from adjoint_spark.embed import (
     task_threads,
     vector_schema,
 )
+from adjoint_spark.faults import maybe_fail_task, task_faults
 from adjoint_spark.storage import Staging, Storage, join, local_path, put_file, sha256_file
 from adjoint_spark.timing import Timer
 
@@ -187,7 +188,9 @@ def list_size_stats(sizes: np.ndarray) -> dict:
 # ---------------------------------------------------------------------------- executors
 
 
-def add_partitions(trained, shard_dir: str) -> Callable[[Iterator[pd.DataFrame]], Iterator]:
+def add_partitions(
+    trained, shard_dir: str, fail: frozenset[int] = frozenset()
+) -> Callable[[Iterator[pd.DataFrame]], Iterator]:
     """The function ``mapInPandas`` runs: vectors in, one shard written, one row out.
 
     ``trained`` is a broadcast of the serialised trained index. A retried or speculative
@@ -199,6 +202,7 @@ def add_partitions(trained, shard_dir: str) -> Callable[[Iterator[pd.DataFrame]]
         import faiss
         from pyspark import TaskContext
 
+        maybe_fail_task("shards", fail)
         set_threads(task_threads())
         ctx = TaskContext.get()
         partition = ctx.partitionId() if ctx is not None else 0
@@ -389,7 +393,8 @@ def run_index(spark, config: Config, timer: Timer | None = None) -> IndexResult:
                 payload = spark.sparkContext.broadcast(model.tower_payload("item"))
                 id_type = dict(items.dtypes)["item_id"]
                 embedded = items.mapInPandas(
-                    embed_partitions(payload, cfg.batch_size), vector_schema(id_type)
+                    embed_partitions(payload, cfg.batch_size, task_faults("embed")),
+                    vector_schema(id_type),
                 )
                 embedded.write.mode("overwrite").parquet(vectors_stage.path)
                 vectors = spark.read.parquet(vectors_stage.path)
@@ -404,9 +409,12 @@ def run_index(spark, config: Config, timer: Timer | None = None) -> IndexResult:
 
             with timer.phase("shards"):
                 shard_dir = join(index_stage.path, SHARDS_DIR)
+                storage.mkdirs(shard_dir)
                 num_partitions = vectors.rdd.getNumPartitions()
                 shipped = spark.sparkContext.broadcast(trained_bytes)
-                rows = vectors.mapInPandas(add_partitions(shipped, shard_dir), SHARD_SCHEMA)
+                rows = vectors.mapInPandas(
+                    add_partitions(shipped, shard_dir, task_faults("shards")), SHARD_SCHEMA
+                )
                 shards = [r.asDict() for r in rows.collect()]
                 check_shards(shards, num_partitions, num_items)
                 shipped.unpersist()

@@ -30,6 +30,7 @@ from adjoint_spark.embed import (
     task_threads,
     vector_schema,
 )
+from adjoint_spark.faults import maybe_fail_task, task_faults
 from adjoint_spark.index import read_json_required
 from adjoint_spark.storage import ArtifactError, Staging, Storage, join, sha256_file
 from adjoint_spark.timing import Timer
@@ -76,7 +77,12 @@ def top_k_unseen(
 
 
 def search_partitions(
-    index_name: str, ondisk: bool, nprobe: int, k: int, batch_size: int
+    index_name: str,
+    ondisk: bool,
+    nprobe: int,
+    k: int,
+    batch_size: int,
+    fail: frozenset[int] = frozenset(),
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """The function ``mapInPandas`` runs: query vectors (+ ``seen`` train items) in,
     (query_id, query_idx, rank, item_idx, score) out.
@@ -89,6 +95,7 @@ def search_partitions(
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import faiss
 
+        maybe_fail_task("search", fail)
         set_threads(task_threads())
         index = open_index(index_name, ondisk)
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
@@ -274,7 +281,8 @@ def run_retrieve(spark, config: Config, timer: Timer | None = None) -> RetrieveR
                 payload = spark.sparkContext.broadcast(model.tower_payload("query"))
                 id_type = dict(queries.dtypes)["query_id"]
                 embedded = queries.mapInPandas(
-                    embed_partitions(payload, cfg.batch_size), vector_schema(id_type)
+                    embed_partitions(payload, cfg.batch_size, task_faults("embed")),
+                    vector_schema(id_type),
                 )
                 embedded.write.mode("overwrite").parquet(vectors_stage.path)
                 payload.unpersist()
@@ -287,7 +295,9 @@ def run_retrieve(spark, config: Config, timer: Timer | None = None) -> RetrieveR
                 else:
                     vectors = vectors.withColumn("seen", F.lit(None).cast("array<long>"))
                 found = vectors.mapInPandas(
-                    search_partitions(index_name, ondisk, nprobe, cfg.top_k, cfg.batch_size),
+                    search_partitions(
+                        index_name, ondisk, nprobe, cfg.top_k, cfg.batch_size, task_faults("search")
+                    ),
                     RECOMMENDATION_SCHEMA.format(id=id_type),
                 )
                 items = spark.read.parquet(join(prepared, "items")).select(

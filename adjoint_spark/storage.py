@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ def put_file(local: str, uri: str) -> None:
     """
     target = local_path(uri)
     if target is not None:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
+        # The folder is made by the driver; a task still running after its job failed
+        # (and the staging folder was removed) must not create it again.
         tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
         shutil.copyfile(local, tmp)
         os.replace(tmp, target)
@@ -162,6 +164,13 @@ class Storage:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ArtifactError(f"{uri} is not valid JSON ({exc}): it is damaged") from None
 
+    def list_dir(self, uri: str) -> list[str]:
+        """Names of the entries directly under ``uri`` (none when it does not exist)."""
+        fs, path = self._fs(uri)
+        if not fs.exists(path):
+            return []
+        return sorted(str(status.getPath().getName()) for status in fs.listStatus(path))
+
     def list_files(self, uri: str) -> list[str]:
         """Data files under ``uri`` (a file, or a folder walked recursively), sorted;
         names starting with ``_`` or ``.`` are skipped as Hadoop does."""
@@ -216,12 +225,35 @@ class Staging:
         self.output = output
         self.name = name
         self.run_id = uuid.uuid4().hex[:12]
-        self.path = join(output, STAGING_DIR, f"{name.replace('/', '-')}-{self.run_id}")
+        self.prefix = name.replace("/", "-")
+        self.path = join(output, STAGING_DIR, f"{self.prefix}-{self.run_id}")
         self.final = join(output, name)
 
     def __enter__(self) -> Staging:
+        self.recover()
         self.storage.mkdirs(self.path)
         return self
+
+    def recover(self) -> None:
+        """Clear what a killed run of this output left in ``_staging``.
+
+        A run killed while writing leaves its staging folder: it is deleted. A run killed
+        between the two renames of :meth:`publish` leaves the previous output aside as
+        ``<name>-<id>-previous`` and nothing published: it is moved back first.
+        """
+        staging = join(self.output, STAGING_DIR)
+        pattern = re.compile(rf"{re.escape(self.prefix)}-[0-9a-f]{{12}}(-previous)?")
+        for entry in self.storage.list_dir(staging):
+            match = pattern.fullmatch(entry)
+            if match is None:
+                continue
+            path = join(staging, entry)
+            if match.group(1) and not self.storage.exists(self.final):
+                logger.warning("restoring %s from %s (a publish was interrupted)", self.final, path)
+                self.storage.rename(path, self.final)
+            else:
+                logger.warning("removing %s, left by an interrupted run", path)
+                self.storage.delete(path)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # A failed run drops its staging folder; the published output stays as it was.

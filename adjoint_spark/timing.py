@@ -7,6 +7,8 @@ import logging
 import time
 from collections.abc import Iterator
 
+from adjoint_spark.faults import maybe_kill
+
 logger = logging.getLogger(__name__)
 
 
@@ -16,6 +18,7 @@ class Timer:
     def __init__(self) -> None:
         self.records: list[tuple[int, str, float]] = []
         self._depth = 0
+        self._open: list[str] = []
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -23,6 +26,8 @@ class Timer:
         index = len(self.records)
         self.records.append((depth, name, 0.0))
         logger.info("%s%s ...", "  " * depth, name)
+        self._open.append(name)
+        maybe_kill("/".join(self._open))
         self._depth += 1
         start = time.perf_counter()
         try:
@@ -30,6 +35,7 @@ class Timer:
         finally:
             seconds = time.perf_counter() - start
             self._depth -= 1
+            self._open.pop()
             self.records[index] = (depth, name, seconds)
             logger.info("%s%s: %.2f s", "  " * depth, name, seconds)
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from adjoint_spark.config import Config, TrainConfig
+from adjoint_spark.faults import maybe_kill_after_epoch
 from adjoint_spark.feed import MemoryFeed, TrainBatch, load_features
 from adjoint_spark.losses import (
     hinge_loss,
@@ -411,6 +412,7 @@ def run_train(
                 save_checkpoint(
                     config.output, fingerprint, epoch + 1, model, opt, sched, history, best
                 )
+                maybe_kill_after_epoch(epoch + 1)
                 since_best = epoch + 1 - best["epoch"] if best else 0
                 if cfg.patience and since_best >= cfg.patience * cfg.eval_every:
                     logger.info(

@@ -30,3 +30,11 @@ def spark():
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(spark, tmp_path_factory):
+    """A whole pipeline run on small generated data: (data settings, config)."""
+    from .pipeline_data import make_run
+
+    return make_run(spark, str(tmp_path_factory.mktemp("pipeline")))

@@ -12,72 +12,24 @@ import pandas as pd
 import pytest
 import torch
 
-from adjoint_spark.config import load_config
 from adjoint_spark.embed import ModelArtifact, embed_partitions, vector_schema
 from adjoint_spark.feed import load_features
 from adjoint_spark.index import run_index
 from adjoint_spark.metrics import evaluate_top_k
-from adjoint_spark.pipeline import run_stages
-from adjoint_spark.prepare import run_prepare
 from adjoint_spark.report import run_report
 from adjoint_spark.retrieve import run_retrieve, spark_ranking_metrics, top_k_unseen
 from adjoint_spark.storage import ArtifactError, Storage
-from adjoint_spark.synth import TableShape, seed_config, write_seed_dataset
-from adjoint_spark.train import build_model, run_train
+from adjoint_spark.train import build_model
 
-QUERY_SHAPE = TableShape(4, (4, 3), 0)
-ITEM_SHAPE = TableShape(5, (4, 5), 1, 6)
-SETTINGS = {
-    "train": {
-        "embedding_dim": 16,
-        "feature_dim": 16,
-        "query": {"hidden_dim": 32},
-        "item": {"hidden_dim": 32, "use_id": True},
-        "batch_size": 128,
-        "num_negatives": 7,
-        "num_popular_negatives": 3,
-        "optimizer": "adam",
-        "lr": 0.01,
-        "epochs": 3,
-        "threads": 1,
-        "reader_workers": 1,
-        "log_every": 1000,
-    },
-    "index": {"factory": "IVF4096,SQ8", "sweep_queries": 100, "sweep_k": 20},
-    "retrieve": {"top_k": 20, "eval_ks": [10, 20]},
-}
-
-
-def config_for(data: dict, output: str, **sections):
-    merged = {**data, **SETTINGS, "output": output}
-    for name, values in sections.items():
-        merged[name] = {**merged.get(name, {}), **values}
-    return load_config(data=merged)
-
-
-@pytest.fixture(scope="module")
-def run(spark, tmp_path_factory):
-    """prepare -> train -> index -> retrieve -> report on 240 queries and 900 items."""
-    folder = str(tmp_path_factory.mktemp("retrieve"))
-    paths = write_seed_dataset(
-        os.path.join(folder, "in"), 240, 900, 6, QUERY_SHAPE, ITEM_SHAPE,
-        num_clusters=4, test_pairs_per_query=3, seed=11,
-    )  # fmt: skip
-    data = seed_config(paths, os.path.join(folder, "out"), QUERY_SHAPE, ITEM_SHAPE,
-                       num_partitions=3)  # fmt: skip
-    config = config_for(data, data["output"])
-    run_prepare(spark, config)
-    run_train(spark, config)
-    run_stages(config, ["index", "retrieve", "report"])
-    return data, config
+from .pipeline_data import config_for
 
 
 def read(spark, config, name: str) -> pd.DataFrame:
     return spark.read.parquet(os.path.join(config.output, name)).toPandas()
 
 
-def test_every_output_is_published(spark, run):
-    _, config = run
+def test_every_output_is_published(spark, pipeline_run):
+    _, config = pipeline_run
     out = config.output
     for name in ("vectors/items", "vectors/queries", "recommendations", "index", "report"):
         assert os.path.isdir(os.path.join(out, name)), name
@@ -98,8 +50,8 @@ def test_every_output_is_published(spark, run):
         assert os.path.getsize(os.path.join(out, "report", png)) > 1000, png
 
 
-def test_vectors_match_the_towers_on_the_driver(spark, run):
-    _, config = run
+def test_vectors_match_the_towers_on_the_driver(spark, pipeline_run):
+    _, config = pipeline_run
     prepared = os.path.join(config.output, "prepared")
     manifest = json.load(open(os.path.join(prepared, "manifest.json")))
     model = build_model(manifest, config.train)
@@ -118,8 +70,8 @@ def test_vectors_match_the_towers_on_the_driver(spark, run):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
-def test_embedding_function_runs_on_an_executor(spark, run):
-    _, config = run
+def test_embedding_function_runs_on_an_executor(spark, pipeline_run):
+    _, config = pipeline_run
     model = ModelArtifact.read(Storage(spark), config.output)
     items = spark.read.parquet(os.path.join(config.output, "prepared", "items"))
     payload = spark.sparkContext.broadcast(model.tower_payload("item"))
@@ -131,8 +83,8 @@ def test_embedding_function_runs_on_an_executor(spark, run):
         np.testing.assert_array_equal(a, b)
 
 
-def test_recommendations_are_complete_ranked_and_unseen(spark, run):
-    _, config = run
+def test_recommendations_are_complete_ranked_and_unseen(spark, pipeline_run):
+    _, config = pipeline_run
     recs = read(spark, config, "recommendations")
     train = read(spark, config, "prepared/train_pairs")
     items = read(spark, config, "prepared/items")
@@ -149,8 +101,8 @@ def test_recommendations_are_complete_ranked_and_unseen(spark, run):
     assert (recs["item_idx"].map(ids) == recs["item_id"]).all()
 
 
-def test_metrics_in_spark_match_numpy_and_exact_search(spark, run):
-    _, config = run
+def test_metrics_in_spark_match_numpy_and_exact_search(spark, pipeline_run):
+    _, config = pipeline_run
     recs = read(spark, config, "recommendations").sort_values(["query_idx", "rank"])
     test = read(spark, config, "prepared/test_pairs")
     queries = np.sort(test["query_idx"].unique())
@@ -196,8 +148,8 @@ def test_top_k_unseen_drops_seen_and_empty_results():
     assert s[0, :3].tolist() == pytest.approx([0.9, 0.7, 0.6])
 
 
-def test_on_disk_merge_gives_the_same_recommendations(spark, run, tmp_path):
-    data, config = run
+def test_on_disk_merge_gives_the_same_recommendations(spark, pipeline_run, tmp_path):
+    data, config = pipeline_run
     out = str(tmp_path)
     for name in ("prepared", "model"):
         shutil.copytree(os.path.join(config.output, name), os.path.join(out, name))
@@ -223,8 +175,8 @@ def snapshot(folder: str) -> dict[str, bytes]:
     return out
 
 
-def test_damaged_or_foreign_index_is_refused_before_writing(spark, run, tmp_path):
-    data, config = run
+def test_damaged_or_foreign_index_is_refused_before_writing(spark, pipeline_run, tmp_path):
+    data, config = pipeline_run
     out = str(tmp_path)
     for name in ("prepared", "model", "index", "recommendations"):
         shutil.copytree(os.path.join(config.output, name), os.path.join(out, name))
@@ -254,8 +206,8 @@ def test_damaged_or_foreign_index_is_refused_before_writing(spark, run, tmp_path
     assert not os.path.exists(os.path.join(out, "metrics.json"))
 
 
-def test_model_of_other_features_is_refused(spark, run, tmp_path):
-    data, config = run
+def test_model_of_other_features_is_refused(spark, pipeline_run, tmp_path):
+    data, config = pipeline_run
     out = str(tmp_path)
     for name in ("prepared", "model"):
         shutil.copytree(os.path.join(config.output, name), os.path.join(out, name))
@@ -268,8 +220,8 @@ def test_model_of_other_features_is_refused(spark, run, tmp_path):
     assert not os.path.exists(os.path.join(out, "index"))
 
 
-def test_report_runs_alone_on_published_outputs(spark, run, tmp_path):
-    data, config = run
+def test_report_runs_alone_on_published_outputs(spark, pipeline_run, tmp_path):
+    data, config = pipeline_run
     out = str(tmp_path)
     shutil.copytree(os.path.join(config.output, "prepared"), os.path.join(out, "prepared"))
     path = run_report(spark, config_for(data, out))
