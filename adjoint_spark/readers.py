@@ -21,12 +21,19 @@ from dataclasses import dataclass, field
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
+from pyspark.sql.types import StringType, StructField, StructType
 
 from adjoint_spark.config import DatasetConfig, EntitySource, LabelSource, PrepareConfig
 from adjoint_spark.storage import Storage
 
 logger = logging.getLogger(__name__)
 
+# Univocity's default limit on the fields of one CSV record (more stop the whole job).
+CSV_MAX_COLUMNS = 20480
+# Columns read_table adds for CSV: the text of a record whose field count is not the
+# header's (Spark pads or cuts such a record silently) and the reason it gives.
+CSV_MALFORMED = "_adjoint_malformed_record"
+TABLE_STRUCTURE = "_adjoint_structure"
 DELIMITERS = {"auto": "[\\t\\x1b]", "tab": "\\t", "esc": "\\x1b", "comma": ","}
 MOVIELENS_GENRES = (
     "unknown",
@@ -138,21 +145,58 @@ def read_lines(spark: SparkSession, files: list[str]) -> DataFrame:
     return number_rows(spark, df)
 
 
+def column(name: str) -> Column:
+    """The column of this exact name (it may hold dots, spaces or backticks)."""
+    return F.col("`" + name.replace("`", "``") + "`")
+
+
+def read_csv(spark: SparkSession, files: list[str]) -> DataFrame:
+    """CSV with a header, every value a string, plus ``CSV_MALFORMED``.
+
+    Univocity fails the job on a record wider than its ``maxColumns``, so the limit is
+    raised to the widest line (counting every comma) found by one pass over the text.
+    """
+    widest = spark.read.text(files).agg(F.max(F.size(F.split("value", ",", -1)))).first()[0]
+    reader = (
+        spark.read.option("header", "true")
+        .option("mode", "PERMISSIVE")
+        .option("maxColumns", max(CSV_MAX_COLUMNS, (widest or 0) + 1))
+    )
+    header = reader.csv(files).schema
+    schema = StructType([*header.fields, StructField(CSV_MALFORMED, StringType())])
+    return reader.schema(schema).option("columnNameOfCorruptRecord", CSV_MALFORMED).csv(files)
+
+
 def read_table(spark: SparkSession, files: list[str], file_format: str) -> DataFrame:
-    """Parquet or CSV (with a header) as its columns plus source, row and raw (JSON)."""
+    """Parquet or CSV (with a header) as its columns plus source, row, raw (JSON, or the
+    text of a CSV record that does not fit the header) and ``TABLE_STRUCTURE`` (null,
+    or why the record is rejected whatever its values)."""
     if file_format == "parquet":
         df = spark.read.parquet(*files)
     else:
-        df = spark.read.option("header", "true").option("mode", "PERMISSIVE").csv(files)
-    columns = [c for c in df.columns]
+        df = read_csv(spark, files)
+    columns = [c for c in df.columns if c != CSV_MALFORMED]
+    raw = F.to_json(F.struct(*[column(c) for c in columns]))
+    structure = F.lit(None).cast("string")
+    if CSV_MALFORMED in df.columns:
+        raw = F.coalesce(F.col(CSV_MALFORMED), raw)
+        structure = F.when(
+            F.col(CSV_MALFORMED).isNotNull(),
+            F.lit(f"expected {len(columns)} fields as in the header, found another number"),
+        )
     df = df.select(
-        *[F.col(f"`{c}`") for c in columns],
-        F.to_json(F.struct(*[F.col(f"`{c}`") for c in columns])).alias("raw"),
+        *[column(c) for c in columns],
+        raw.alias("raw"),
+        structure.alias(TABLE_STRUCTURE),
         F.col("_metadata.file_path").alias("source"),
         F.col("_metadata.file_block_start").alias("_block"),
         F.monotonically_increasing_id().alias("_mono"),
     )
     return number_rows(spark, df)
+
+
+def table_structure_check() -> tuple[Column, Column]:
+    return (F.col(TABLE_STRUCTURE).isNotNull(), F.col(TABLE_STRUCTURE))
 
 
 # ---------------------------------------------------------------------------- checks
@@ -369,7 +413,7 @@ def table_entity_layout(source: EntitySource, df: DataFrame, table: str) -> Enti
     types = dict(df.dtypes)
 
     def text(name: str) -> Column:
-        col = F.col(f"`{name}`")
+        col = column(name)
         if types[name].startswith("array"):
             return F.array_join(col.cast("array<string>"), ",")
         return col.cast("string")
@@ -379,6 +423,7 @@ def table_entity_layout(source: EntitySource, df: DataFrame, table: str) -> Enti
         numeric=[(n, text(n)) for n in source.numeric],
         categorical=[(n, text(n), None) for n in source.categorical],
         sequences=[(SequenceField(s.name, s.max_len), text(s.column)) for s in source.sequences],
+        structure=[table_structure_check()],
     )
 
 
@@ -454,14 +499,14 @@ def read_labels(
         raise PrepareError(
             f"{table}: {source.path} has no column(s) {missing}; it has {df.columns}"
         )
-    ts = F.col(f"`{source.timestamp}`").cast("string") if source.timestamp else None
+    ts = column(source.timestamp).cast("string") if source.timestamp else None
     return parse_labels(
         table,
         df,
-        F.col(f"`{source.query_key}`").cast("string"),
-        F.col(f"`{source.item_key}`").cast("string"),
+        column(source.query_key).cast("string"),
+        column(source.item_key).cast("string"),
         ts,
-        [],
+        [table_structure_check()],
         files,
     )
 

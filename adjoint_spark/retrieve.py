@@ -111,12 +111,37 @@ def search_partitions(
                 rows = order[start : start + batch_size]
                 batch_seen = [seen[r] for r in rows]
                 vectors = np.stack(frame["embedding"].to_numpy()[rows]).astype(np.float32)
-                width = min(index.ntotal, k + max(len(s) for s in batch_seen))
-                scores, ids = index.search(np.ascontiguousarray(vectors), width)
-                top_scores, top_ids = top_k_unseen(scores, ids, batch_seen, k)
+                top_scores, top_ids = search_unseen(index, vectors, batch_seen, k, nprobe)
                 yield ranked_rows(frame.iloc[rows], top_scores, top_ids)
 
     return run
+
+
+def search_unseen(
+    index, vectors: np.ndarray, seen: list[np.ndarray], k: int, nprobe: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``k`` unseen items per query. A query whose probed lists hold fewer than ``k``
+    unseen items (a long history, small lists) is searched again with nprobe doubled,
+    up to every list, so it gets ``k`` items whenever the catalogue has them."""
+    import faiss
+
+    params = faiss.ParameterSpace()
+    nlist = faiss.extract_index_ivf(index).nlist
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    width = min(index.ntotal, k + max((len(s) for s in seen), default=0))
+    scores, ids = index.search(vectors, width)
+    top_scores, top_ids = top_k_unseen(scores, ids, seen, k)
+    available = np.array([min(k, index.ntotal - len(s)) for s in seen])
+    probe = nprobe
+    short = np.flatnonzero((top_ids >= 0).sum(axis=1) < available)
+    while len(short) and probe < nlist:
+        probe = min(nlist, probe * 2)
+        params.set_index_parameter(index, "nprobe", probe)
+        scores, ids = index.search(vectors[short], width)
+        top_scores[short], top_ids[short] = top_k_unseen(scores, ids, [seen[r] for r in short], k)
+        short = short[(top_ids[short] >= 0).sum(axis=1) < available[short]]
+    params.set_index_parameter(index, "nprobe", nprobe)
+    return top_scores, top_ids
 
 
 def ranked_rows(frame: pd.DataFrame, scores: np.ndarray, ids: np.ndarray) -> pd.DataFrame:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import faiss
 import numpy as np
 import pandas as pd
@@ -94,6 +96,7 @@ def vectors(spark):
 
 
 def build_shards(spark, df, trained, folder: str) -> list[dict]:
+    os.makedirs(folder)
     shipped = spark.sparkContext.broadcast(faiss.serialize_index(trained).tobytes())
     rows = df.mapInPandas(add_partitions(shipped, folder), "partition int, ntotal long, "
                           "min_id long, max_id long, bytes long").collect()  # fmt: skip
@@ -148,3 +151,43 @@ def test_exact_top_k_in_spark_matches_numpy(spark, vectors):
     expected = np.argsort(-(queries @ x.T), axis=1)[:, :7]
     for q in range(len(queries)):
         assert list(exact[q]) == list(expected[q])
+
+
+@pytest.mark.parametrize("nprobe", [1, 10])
+def test_search_fills_k_for_long_histories_on_an_executor(spark, tmp_path, nprobe):
+    from adjoint_spark.retrieve import search_partitions
+
+    x = clustered_vectors(300, seed=6)
+    plan = plan_index("IVF10,Flat", len(x), IndexConfig())
+    index = train_index(x, plan)
+    index.add_with_ids(x, np.arange(len(x)))
+    name = f"items-search-test-{nprobe}.faiss"
+    faiss.write_index(index, str(tmp_path / name))
+    spark.sparkContext.addFile(str(tmp_path / name))
+
+    # Queries that have seen 250 of the 300 items: one probed list (~30 items) cannot
+    # hold 20 unseen ones, so at nprobe 1 the search must widen until it finds them.
+    rng = np.random.default_rng(7)
+    queries = clustered_vectors(8, seed=8)
+    seen = [rng.choice(300, 250, replace=False).tolist() for _ in range(8)]
+    frame = pd.DataFrame({"id": np.arange(8), "idx": np.arange(8), "embedding": list(queries),
+                          "seen": seen})  # fmt: skip
+    df = spark.createDataFrame(frame, "id long, idx long, embedding array<float>, "
+                               "seen array<long>").repartition(2)  # fmt: skip
+    found = df.mapInPandas(
+        search_partitions(name, False, nprobe, 20, 4),
+        "query_id long, query_idx long, rank int, item_idx long, score float",
+    ).toPandas()
+    for q in range(8):
+        got = found[found["query_idx"] == q].sort_values("rank")
+        unseen = np.setdiff1d(np.arange(300), seen[q])
+        assert got["rank"].tolist() == list(range(1, 21))
+        assert not set(got["item_idx"]) & set(seen[q])
+        got_scores = x[got["item_idx"].to_numpy()] @ queries[q]
+        np.testing.assert_allclose(got["score"], got_scores, atol=1e-5)
+        assert np.all(np.diff(got["score"].to_numpy()) <= 1e-6)
+        if nprobe == index.nlist:
+            # Every list probed: the exact top 20 of the unseen items (compared by
+            # score, since ties may swap).
+            best = np.sort(x[unseen] @ queries[q])[::-1][:20]
+            np.testing.assert_allclose(got_scores, best, atol=1e-5)
