@@ -255,6 +255,7 @@ class TrainConfig:
     reader_workers: int = 2
     threads: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_processes: int = 1  # > 1: data-parallel over processes (TorchDistributor)
     seed: int = 42
     log_every: int = 50
 
@@ -268,6 +269,7 @@ class TrainConfig:
             "reader_workers",
             "lr_step_epochs",
             "log_every",
+            "num_processes",
         )
         for name in positive_ints:
             if getattr(self, name) < 1:
@@ -293,6 +295,12 @@ class TrainConfig:
                 "train.num_popular_negatives",
                 self.num_popular_negatives,
                 f"an integer in [0, num_negatives={self.num_negatives}]",
+            )
+        if self.num_processes > 1 and self.feed != "memory":
+            _fail(
+                "train.num_processes",
+                self.num_processes,
+                "1 with feed 'stream' (the processes each read their shard into memory)",
             )
         if not 0 < self.lr_gamma <= 1:
             _fail("train.lr_gamma", self.lr_gamma, "a number in (0, 1]")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from adjoint_spark.faults import maybe_fail_task
+from adjoint_spark.faults import NO_FAULTS, TaskFaults, maybe_fail_task
 from adjoint_spark.model import Tower, TowerShape, TowerSpec
 from adjoint_spark.storage import ArtifactError, Storage, join
 
@@ -173,16 +173,16 @@ def vector_schema(id_type: str) -> str:
 
 
 def embed_partitions(
-    payload, batch_size: int, fail: frozenset[int] = frozenset()
+    payload, batch_size: int, faults: TaskFaults = NO_FAULTS
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """The function ``mapInPandas`` runs: prepared rows in, (id, idx, embedding) out.
 
     ``payload`` is a broadcast of :meth:`ModelArtifact.tower_payload` (or the dict);
-    ``fail``: partitions whose first attempt fails (:mod:`adjoint_spark.faults`).
+    ``faults``: first attempts to fail or delay (:mod:`adjoint_spark.faults`).
     """
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        maybe_fail_task("embed", fail)
+        maybe_fail_task("embed", faults)
         value = payload.value if hasattr(payload, "value") else payload
         set_threads(task_threads())
         tower = cached_tower(value)

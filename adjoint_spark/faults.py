@@ -7,6 +7,9 @@ can turn it on.
   partitions of a Spark stage raises :class:`InjectedFault`, so Spark's task retries
   (``spark.task.maxFailures``; ``local[N,F]`` in local mode) must recover. Stages:
   ``embed`` (item and query vectors), ``shards`` (index shards), ``search`` (retrieve).
+- ``ADJOINT_SLOW_TASKS="shards:1"`` (same syntax): the FIRST attempt of the listed
+  partitions sleeps ``ADJOINT_SLOW_TASK_SECONDS`` (default 30) before it starts, so
+  that speculative execution (``spark.speculation``) launches a second attempt.
 - ``ADJOINT_KILL_AT="index/merge"``: the driver kills itself with SIGKILL when the named
   phase (a :class:`~adjoint_spark.timing.Timer` path, e.g. ``prepare/write``,
   ``train/epochs``, ``retrieve/search``) starts, as a killed job would stop.
@@ -19,6 +22,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
+from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +34,23 @@ class InjectedFault(RuntimeError):
     """A failure asked for by ``ADJOINT_FAIL_TASKS``."""
 
 
-def parse_fail_tasks(value: str) -> dict[str, frozenset[int]]:
+@dataclass(frozen=True)
+class TaskFaults:
+    """Partitions of one stage whose first attempt fails (``fail``) or first sleeps
+    ``slow_seconds`` (``slow``). Built on the driver; travels in the task's closure."""
+
+    fail: frozenset[int] = frozenset()
+    slow: frozenset[int] = frozenset()
+    slow_seconds: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.fail or self.slow)
+
+
+NO_FAULTS = TaskFaults()
+
+
+def parse_fail_tasks(value: str, variable: str = "ADJOINT_FAIL_TASKS") -> dict:
     """``"embed:0,2;shards:1"`` -> {"embed": {0, 2}, "shards": {1}}."""
     spec: dict[str, frozenset[int]] = {}
     for part in filter(None, (p.strip() for p in value.split(";"))):
@@ -37,31 +58,41 @@ def parse_fail_tasks(value: str) -> dict[str, frozenset[int]]:
         stage = stage.strip()
         if stage not in TASK_STAGES or not partitions.strip():
             raise ValueError(
-                f"ADJOINT_FAIL_TASKS entry {part!r}: expected STAGE:P[,P...] with STAGE one "
+                f"{variable} entry {part!r}: expected STAGE:P[,P...] with STAGE one "
                 f"of {TASK_STAGES}"
             )
         spec[stage] = frozenset(int(p) for p in partitions.split(","))
     return spec
 
 
-def task_faults(stage: str) -> frozenset[int]:
-    """Partitions whose first attempt should fail in ``stage`` (read on the driver, so the
-    set travels to the executors inside the task's closure)."""
-    spec = parse_fail_tasks(os.environ.get("ADJOINT_FAIL_TASKS", ""))
-    if spec.get(stage):
+def task_faults(stage: str) -> TaskFaults:
+    """The faults asked for in ``stage`` (read on the driver, so they travel to the
+    executors inside the task's closure)."""
+    fail = parse_fail_tasks(os.environ.get("ADJOINT_FAIL_TASKS", "")).get(stage, frozenset())
+    slow = parse_fail_tasks(os.environ.get("ADJOINT_SLOW_TASKS", ""), "ADJOINT_SLOW_TASKS")
+    slow = slow.get(stage, frozenset())
+    faults = TaskFaults(fail, slow, float(os.environ.get("ADJOINT_SLOW_TASK_SECONDS", "30")))
+    if fail:
         logger.warning("fault injection: first attempt of partitions %s of '%s' will fail",
-                       sorted(spec[stage]), stage)  # fmt: skip
-    return spec.get(stage, frozenset())
+                       sorted(fail), stage)  # fmt: skip
+    if slow:
+        logger.warning("fault injection: first attempt of partitions %s of '%s' sleeps %.0f s",
+                       sorted(slow), stage, faults.slow_seconds)  # fmt: skip
+    return faults
 
 
-def maybe_fail_task(stage: str, partitions: frozenset[int]) -> None:
-    """Inside a task: raise on the first attempt of a listed partition."""
-    if not partitions:
+def maybe_fail_task(stage: str, faults: TaskFaults) -> None:
+    """Inside a task: sleep, or raise, on the first attempt of a listed partition."""
+    if not faults:
         return
     from pyspark import TaskContext
 
     ctx = TaskContext.get()
-    if ctx is not None and ctx.attemptNumber() == 0 and ctx.partitionId() in partitions:
+    if ctx is None or ctx.attemptNumber() != 0:
+        return
+    if ctx.partitionId() in faults.slow:
+        time.sleep(faults.slow_seconds)
+    if ctx.partitionId() in faults.fail:
         raise InjectedFault(
             f"injected fault: first attempt of partition {ctx.partitionId()} of '{stage}'"
         )

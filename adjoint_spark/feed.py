@@ -35,14 +35,22 @@ logger = logging.getLogger(__name__)
 
 
 def read_parquet_columns(
-    path: str, columns: list[str] | None = None, workers: int = 2
+    path: str,
+    columns: list[str] | None = None,
+    workers: int = 2,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Read a Parquet folder through Petastorm's batch reader into NumPy columns.
 
     List columns (fixed length, padded by the prepare job) come back as 2-D arrays.
     The row order follows the reader threads and is not stable: callers sort.
+    ``shard=(cur_shard, shard_count)`` reads only row groups ``k`` with
+    ``k % shard_count == cur_shard`` (Petastorm's sharding; it needs at least
+    ``shard_count`` row groups).
     """
     from petastorm import make_batch_reader
+
+    cur_shard, shard_count = shard if shard else (None, None)
 
     chunks: dict[str, list[np.ndarray]] = {}
     with warnings.catch_warnings():
@@ -56,6 +64,8 @@ def read_parquet_columns(
             reader_pool_type="thread",
             shuffle_row_groups=False,
             schema_fields=columns,
+            cur_shard=cur_shard,
+            shard_count=shard_count,
         ) as reader:
             for batch in reader:
                 for name, values in batch._asdict().items():

@@ -40,7 +40,7 @@ from adjoint_spark.embed import (
     task_threads,
     vector_schema,
 )
-from adjoint_spark.faults import maybe_fail_task, task_faults
+from adjoint_spark.faults import NO_FAULTS, TaskFaults, maybe_fail_task, task_faults
 from adjoint_spark.storage import Staging, Storage, join, local_path, put_file, sha256_file
 from adjoint_spark.timing import Timer
 
@@ -189,7 +189,7 @@ def list_size_stats(sizes: np.ndarray) -> dict:
 
 
 def add_partitions(
-    trained, shard_dir: str, fail: frozenset[int] = frozenset()
+    trained, shard_dir: str, faults: TaskFaults = NO_FAULTS
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator]:
     """The function ``mapInPandas`` runs: vectors in, one shard written, one row out.
 
@@ -202,7 +202,7 @@ def add_partitions(
         import faiss
         from pyspark import TaskContext
 
-        maybe_fail_task("shards", fail)
+        maybe_fail_task("shards", faults)
         set_threads(task_threads())
         ctx = TaskContext.get()
         partition = ctx.partitionId() if ctx is not None else 0

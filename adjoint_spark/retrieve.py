@@ -30,7 +30,7 @@ from adjoint_spark.embed import (
     task_threads,
     vector_schema,
 )
-from adjoint_spark.faults import maybe_fail_task, task_faults
+from adjoint_spark.faults import NO_FAULTS, TaskFaults, maybe_fail_task, task_faults
 from adjoint_spark.index import read_json_required
 from adjoint_spark.storage import ArtifactError, Staging, Storage, join, sha256_file
 from adjoint_spark.timing import Timer
@@ -82,7 +82,7 @@ def search_partitions(
     nprobe: int,
     k: int,
     batch_size: int,
-    fail: frozenset[int] = frozenset(),
+    faults: TaskFaults = NO_FAULTS,
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """The function ``mapInPandas`` runs: query vectors (+ ``seen`` train items) in,
     (query_id, query_idx, rank, item_idx, score) out.
@@ -95,7 +95,7 @@ def search_partitions(
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import faiss
 
-        maybe_fail_task("search", fail)
+        maybe_fail_task("search", faults)
         set_threads(task_threads())
         index = open_index(index_name, ondisk)
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)

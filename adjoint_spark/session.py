@@ -27,8 +27,13 @@ def get_spark(settings: SparkSettings) -> SparkSession:
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
-    from pyspark import SparkConf
+    from pyspark import SparkConf, SparkContext
 
+    if os.environ.get("PYSPARK_GATEWAY_PORT"):
+        # Started by spark-submit: connect to its JVM first, so that SparkConf() sees the
+        # --master and --conf it was given (without the JVM, SparkConf is empty and the
+        # defaults below would override them).
+        SparkContext._ensure_initialized()
     # Python workers of a session started here (not by spark-submit) use this Python,
     # which has the dependencies; the interpreter on PATH may not.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)

@@ -14,7 +14,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -33,12 +35,13 @@ from adjoint_spark.losses import (
 from adjoint_spark.metrics import evaluate_top_k
 from adjoint_spark.model import TowerShape, TowerSpec, TwoTower
 from adjoint_spark.sampling import NegativeSpec
-from adjoint_spark.storage import Staging, Storage, join
+from adjoint_spark.storage import Staging, Storage, join, local_path
 from adjoint_spark.timing import Timer
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "_checkpoint/train.pt"
+MODEL_FILES = ("model.pt", "model.json", "history.json", "training.png")
 
 
 @dataclass
@@ -360,6 +363,10 @@ def run_train(
     started = time.perf_counter()
     with timer.phase("train"):
         manifest = read_manifest(storage, prepared)
+        if cfg.num_processes > 1:
+            from adjoint_spark.distributed import train_distributed
+
+            return train_distributed(spark, config, manifest, timer, stop_after_epochs, started)
         torch.manual_seed(cfg.seed)
         device = choose_device(cfg.device)
         threads = set_threads(cfg.threads)
@@ -397,27 +404,13 @@ def run_train(
                     logger.info(
                         "epoch %d: loss %.5f %s", epoch + 1, record["loss"], _short(metrics)
                     )
-                    if (
-                        best is None
-                        or metrics[cfg.select_metric] > best["metrics"][cfg.select_metric]
-                    ):
-                        best = {
-                            "epoch": epoch + 1,
-                            "metrics": metrics,
-                            "state": {
-                                k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                            },
-                        }
+                    best = keep_best(best, epoch + 1, metrics, model, cfg.select_metric)
                 history.append(record)
                 save_checkpoint(
                     config.output, fingerprint, epoch + 1, model, opt, sched, history, best
                 )
                 maybe_kill_after_epoch(epoch + 1)
-                since_best = epoch + 1 - best["epoch"] if best else 0
-                if cfg.patience and since_best >= cfg.patience * cfg.eval_every:
-                    logger.info(
-                        "no better %s for %d epochs: stopping early", cfg.select_metric, since_best
-                    )
+                if patience_ran_out(best, epoch + 1, cfg):
                     break
         if hasattr(feed, "close"):
             feed.close()
@@ -431,6 +424,23 @@ def run_train(
     return TrainResult(path, best["epoch"], best["metrics"], history)
 
 
+def keep_best(best: dict | None, epoch: int, metrics: dict, model, select_metric: str):
+    """The new best (epoch, metrics, a CPU copy of the weights), or ``best`` unchanged."""
+    if best is not None and metrics[select_metric] <= best["metrics"][select_metric]:
+        return best
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {"epoch": epoch, "metrics": metrics, "state": state}
+
+
+def patience_ran_out(best: dict | None, epoch: int, cfg: TrainConfig) -> bool:
+    """True (and logged) when ``patience`` evaluations in a row found nothing better."""
+    since_best = epoch - best["epoch"] if best else 0
+    if cfg.patience and since_best >= cfg.patience * cfg.eval_every:
+        logger.info("no better %s for %d epochs: stopping early", cfg.select_metric, since_best)
+        return True
+    return False
+
+
 def _short(metrics: dict) -> str:
     keys = ("precision@10", "recall@10", "ndcg@10", "map@10", "recall@40", "micro_recall@40")
     return " ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
@@ -439,9 +449,15 @@ def _short(metrics: dict) -> str:
 # ---------------------------------------------------------------------------- state
 
 
-def save_checkpoint(output, fingerprint, epoch, model, opt, sched, history, best) -> None:
-    """Write the state after ``epoch`` finished epochs atomically (write, then rename)."""
-    path = os.path.join(_local(output), CHECKPOINT)
+def save_checkpoint(
+    output, fingerprint, epoch, model, opt, sched, history, best, torch_rng=None
+) -> None:
+    """Write the state after ``epoch`` finished epochs atomically (write, then rename).
+
+    ``torch_rng`` defaults to this process's RNG state; the distributed path passes the
+    states of all its processes, stacked (one row per rank).
+    """
+    path = checkpoint_path(output)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = {
         "fingerprint": fingerprint,
@@ -449,7 +465,7 @@ def save_checkpoint(output, fingerprint, epoch, model, opt, sched, history, best
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
-        "torch_rng": torch.get_rng_state(),
+        "torch_rng": torch.get_rng_state() if torch_rng is None else torch_rng,
         "history": json.dumps(history),
         "best": None
         if best is None
@@ -463,38 +479,54 @@ def save_checkpoint(output, fingerprint, epoch, model, opt, sched, history, best
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(output, fingerprint, model, opt, sched):
-    """Resume from the last checkpoint of the same spec and config, if there is one."""
-    path = os.path.join(_local(output), CHECKPOINT)
+def read_checkpoint(output, fingerprint) -> dict | None:
+    """The last checkpoint of the same spec and config (history and best decoded), or None."""
+    path = checkpoint_path(output)
     if not os.path.exists(path):
-        return 0, [], None
+        return None
     state = torch.load(path, weights_only=True)
     if state["fingerprint"] != fingerprint:
         logger.warning("ignoring checkpoint %s: it belongs to another config or data", path)
-        return 0, [], None
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
+        return None
+    state["history"] = json.loads(state["history"])
     best = state["best"]
     if best is not None:
-        best = {
+        state["best"] = {
             "epoch": best["epoch"],
             "metrics": json.loads(best["metrics"]),
             "state": best["state"],
         }
-    logger.info("resuming after epoch %d from %s", state["epoch"], path)
-    return state["epoch"], json.loads(state["history"]), best
+    return state
 
 
-def _local(uri: str) -> str:
-    # Checkpoints are written with torch.save, which needs a local path; a shared
-    # URI other than file: would need a copy step (not built: local and file: only).
-    if uri.startswith("file://"):
-        return uri[len("file://") :]
-    if "://" in uri:
-        raise NotImplementedError(f"train checkpoints need a local or file: output, got {uri}")
-    return uri
+def load_checkpoint(output, fingerprint, model, opt, sched, rank: int = 0):
+    """Resume from the last checkpoint of the same spec and config, if there is one.
+
+    ``rank`` picks this process's RNG state from a checkpoint of the distributed path.
+    """
+    state = read_checkpoint(output, fingerprint)
+    if state is None:
+        return 0, [], None
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    rng = state["torch_rng"]
+    torch.set_rng_state(rng if rng.dim() == 1 else rng[rank])
+    logger.info("resuming after epoch %d from %s", state["epoch"], checkpoint_path(output))
+    return state["epoch"], state["history"], state["best"]
+
+
+def checkpoint_path(output: str) -> str:
+    """Where the training checkpoint of ``output`` lives: ``<output>/_checkpoint/train.pt``
+    on a local or ``file:`` output; for any other URI (``hdfs://``, ``s3a://``) a folder
+    on the driver's disk named after the URI, since ``torch.save`` needs a local path
+    and the processes of distributed training have no Spark session to copy through.
+    """
+    local = local_path(output)
+    if local is not None:
+        return os.path.join(local, CHECKPOINT)
+    digest = hashlib.sha256(output.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "adjoint-spark-checkpoints", digest, "train.pt")
 
 
 def publish_model(
@@ -508,8 +540,9 @@ def publish_model(
     started: float,
 ) -> str:
     cfg = config.train
-    with Staging(storage, config.output, "model") as stage:
-        local = _local(stage.path)
+    with Staging(storage, config.output, "model") as stage, tempfile.TemporaryDirectory() as tmp:
+        # Written on the driver's disk, then copied: the output may be hdfs:// or s3a://.
+        local = local_path(stage.path) or tmp
         torch.save(best["state"], os.path.join(local, "model.pt"))
         query_shape, item_shape = tower_shapes(cfg)
         info = {
@@ -532,8 +565,11 @@ def publish_model(
         with open(os.path.join(local, "history.json"), "w") as fh:
             json.dump(history, fh, indent=2)
         plot_history(history, os.path.join(local, "training.png"))
+        if local == tmp:
+            for name in MODEL_FILES:
+                storage.copy_from_local(os.path.join(tmp, name), join(stage.path, name))
         path = stage.publish()
-    storage.delete(join(config.output, "_checkpoint"))
+    shutil.rmtree(os.path.dirname(checkpoint_path(config.output)), ignore_errors=True)
     return path
 
 

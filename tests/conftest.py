@@ -38,3 +38,14 @@ def pipeline_run(spark, tmp_path_factory):
     from .pipeline_data import make_run
 
     return make_run(spark, str(tmp_path_factory.mktemp("pipeline")))
+
+
+@pytest.fixture(scope="session")
+def movielens_prepared(spark, tmp_path_factory):
+    """The bundled MovieLens-100K prepared with its shipped config (a PrepareResult)."""
+    from adjoint_spark.config import load_config
+    from adjoint_spark.prepare import run_prepare
+
+    out = str(tmp_path_factory.mktemp("ml"))
+    config = load_config(os.path.join(ROOT, "conf", "movielens-100k.yaml"), [f"output={out}"])
+    return run_prepare(spark, config)

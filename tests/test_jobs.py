@@ -60,20 +60,3 @@ def test_unknown_job_is_refused():
     done = submit("no-such-job")
     assert done.returncode == 2
     assert "no job 'no-such-job'" in done.stderr
-
-
-def test_pipeline_job_writes_every_output(tmp_path):
-    out = str(tmp_path / "run")
-    done = submit(
-        "pipeline", "--config", "conf/seed-example.yaml", "--output", out,
-        "--set", "train.epochs=2", "--set", "train.threads=1",
-    )  # fmt: skip
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    for name in ("prepared/manifest.json", "model/model.pt", "model/model.json",
-                 "index/items.faiss", "index/manifest.json", "metrics.json",
-                 "report/index.md"):  # fmt: skip
-        assert os.path.isfile(os.path.join(out, name)), name
-    for name in ("vectors/items", "vectors/queries", "recommendations"):
-        assert any(f.endswith(".parquet") for f in os.listdir(os.path.join(out, name))), name
-    assert re.search(r"recommendations: .*\(\d[\d,]* rows, 200 queries\)", done.stdout)
-    assert f"report: {out}/report/index.md" in done.stdout

@@ -8,17 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adjoint_spark.config import load_config
-from adjoint_spark.prepare import run_prepare
-
-from .conftest import ROOT
-
 
 @pytest.fixture(scope="module")
-def movielens(spark, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ml"))
-    config = load_config(os.path.join(ROOT, "conf", "movielens-100k.yaml"), [f"output={out}"])
-    result = run_prepare(spark, config)
+def movielens(movielens_prepared):
+    result = movielens_prepared
     tables = {
         name: pd.read_parquet(os.path.join(result.path, name))
         for name in ("queries", "items", "train_pairs", "test_pairs", "rejects")

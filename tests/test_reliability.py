@@ -9,18 +9,17 @@ import shutil
 import subprocess
 import sys
 
-import faiss
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from adjoint_spark.config import ConfigError, load_config
-from adjoint_spark.faults import InjectedFault, maybe_fail_task, parse_fail_tasks
+from adjoint_spark.faults import InjectedFault, TaskFaults, maybe_fail_task, parse_fail_tasks
 from adjoint_spark.index import run_index
 from adjoint_spark.pipeline import run_stages
 from adjoint_spark.storage import ArtifactError, Staging, Storage
 
+from .artifacts import index_contents, recommendations
 from .conftest import ROOT
 from .pipeline_data import SETTINGS, config_for
 
@@ -63,25 +62,6 @@ def snapshot(out: str) -> dict[str, bytes]:
     return found
 
 
-def recommendations(out: str) -> pd.DataFrame:
-    frame = pd.read_parquet(os.path.join(out, "recommendations"))
-    return frame.sort_values(["query_idx", "rank"]).reset_index(drop=True)
-
-
-def index_contents(out: str) -> list[tuple[list[int], bytes]]:
-    """Per inverted list: its ids and codes, in id order (independent of shard order)."""
-    index = faiss.read_index(os.path.join(out, "index", "items.faiss"))
-    invlists = faiss.extract_index_ivf(index).invlists
-    contents = []
-    for lst in range(invlists.nlist):
-        n = invlists.list_size(lst)
-        ids = faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy()
-        codes = faiss.rev_swig_ptr(invlists.get_codes(lst), n * invlists.code_size).copy()
-        order = np.argsort(ids)
-        contents.append((ids[order].tolist(), codes.reshape(n, -1)[order].tobytes()))
-    return contents
-
-
 def test_fault_switch_parsing_and_first_attempt_only():
     assert parse_fail_tasks("embed:0,2; shards:1") == {
         "embed": frozenset({0, 2}),
@@ -89,7 +69,7 @@ def test_fault_switch_parsing_and_first_attempt_only():
     }
     with pytest.raises(ValueError, match="expected STAGE:P"):
         parse_fail_tasks("merge:1")
-    maybe_fail_task("embed", frozenset({0}))  # outside a task: nothing to fail
+    maybe_fail_task("embed", TaskFaults(fail=frozenset({0})))  # outside a task: nothing to fail
 
 
 def test_task_retries_complete_with_identical_outputs(pipeline_run, tmp_path):
