@@ -32,7 +32,6 @@ import contextlib
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -53,16 +52,17 @@ from adjoint_spark.sampling import NegativeSpec, PairSet, epoch_order
 from adjoint_spark.storage import Storage, join, to_uri
 from adjoint_spark.timing import Timer
 from adjoint_spark.train import (
-    Progress,
     TrainResult,
-    _short,
+    asked_to_stop,
     build_model,
     build_optimizer,
     choose_device,
     compute_loss,
+    epoch_record,
     eval_data,
-    evaluate,
-    keep_best,
+    evaluate_epoch,
+    fit_epoch,
+    item_log_q,
     load_checkpoint,
     patience_ran_out,
     publish_model,
@@ -379,8 +379,7 @@ def _train_rank(config, manifest, data, stop_after_epochs, rank, world_size, dev
     model = build_model(manifest, cfg).to(device)
     torch.manual_seed(cfg.seed + rank)
     opt, sched = build_optimizer(model, cfg)
-    counts = np.diff(np.concatenate([[0], feed.item_cdf])).astype(np.float64)
-    log_q = torch.from_numpy(np.log(np.maximum(counts, 1) / counts.sum())).float().to(device)
+    log_q = item_log_q(feed.item_cdf, device)
     fingerprint = spec_fingerprint(manifest, cfg)
     start_epoch, history, best = load_checkpoint(
         config.output, fingerprint, model, opt, sched, rank=rank
@@ -395,8 +394,7 @@ def _train_rank(config, manifest, data, stop_after_epochs, rank, world_size, dev
 
     interrupted = False
     for epoch in range(start_epoch, cfg.epochs):
-        if stop_after_epochs is not None and epoch >= stop_after_epochs:
-            logger.warning("stopping after %d epochs as asked", epoch)
+        if asked_to_stop(epoch, stop_after_epochs):
             interrupted = True
             break
         record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"]}
@@ -406,11 +404,7 @@ def _train_rank(config, manifest, data, stop_after_epochs, rank, world_size, dev
         dist.all_gather_object(rng_states, torch.get_rng_state())
         stop = False
         if rank == 0:
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                metrics = evaluate(model, feed.queries, feed.items, data, cfg.eval_ks, device)
-                record["metrics"] = metrics
-                logger.info("epoch %d: loss %.5f %s", epoch + 1, record["loss"], _short(metrics))
-                best = keep_best(best, epoch + 1, metrics, model, cfg.select_metric)
+            best = evaluate_epoch(model, feed.queries, feed.items, data, cfg, record, best, device)
             history.append(record)
             save_checkpoint(
                 config.output,
@@ -437,42 +431,22 @@ def train_epoch_ddp(net, feed: ShardFeed, opt, cfg: TrainConfig, epoch: int, dev
     import torch.distributed as dist
 
     net.train()
-    total_loss, total_examples = 0.0, 0
-    progress = Progress(feed.num_batches(), epoch, cfg.log_every)
-    start = time.perf_counter()
-    for step, batch in enumerate(feed.batches(epoch)):
-        t0 = time.perf_counter()
-        batch = batch.to(device)
-        loss = net(batch)
-        opt.zero_grad(set_to_none=True)
-        # DDP averages gradients over ranks; weighting each rank's mean loss by its share
-        # of the step's examples makes that the gradient of the mean over all examples.
-        (loss * float(feed.weights[step])).backward()
-        if cfg.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad_norm)
-        opt.step()
-        value = float(loss.detach())
-        if not np.isfinite(value):
-            raise FloatingPointError(
-                f"loss became {value} at epoch {epoch} step {step} on rank {feed.rank}: "
-                "lower train.lr"
-            )
-        n = len(batch.pos)
-        total_loss += value * n
-        total_examples += n
-        if feed.rank == 0:
-            ms = (time.perf_counter() - t0) * 1000
-            rate = total_examples / (time.perf_counter() - start)
-            progress.update(step + 1, opt.param_groups[0]["lr"], ms, rate, value)
+    # DDP averages gradients over ranks; weighting each rank's mean loss by its share of
+    # the step's examples makes that the gradient of the mean over all examples.
+    total_loss, total_examples, seconds = fit_epoch(
+        net,
+        list(net.parameters()),
+        feed,
+        opt,
+        cfg,
+        epoch,
+        device,
+        weights=feed.weights,
+        show=feed.rank == 0,
+        where=f" on rank {feed.rank}",
+    )
     totals = torch.tensor([total_loss, float(total_examples)], dtype=torch.float64)
     if device.type == "cuda":
         totals = totals.to(device)
     dist.all_reduce(totals)
-    total_loss, total_examples = float(totals[0]), int(totals[1])
-    seconds = time.perf_counter() - start
-    return {
-        "loss": total_loss / max(1, total_examples),
-        "examples": total_examples,
-        "seconds": round(seconds, 3),
-        "examples_per_second": round(total_examples / max(seconds, 1e-9), 1),
-    }
+    return epoch_record(float(totals[0]), int(totals[1]), seconds)

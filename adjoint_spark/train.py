@@ -264,31 +264,63 @@ class Progress:
 
 def train_epoch(model, feed, opt, cfg: TrainConfig, epoch: int, device, log_q) -> dict:
     model.train()
-    total_loss, total_examples, steps = 0.0, 0, 0
+    total_loss, total_examples, seconds = fit_epoch(
+        lambda batch: compute_loss(model, batch, cfg, log_q),
+        list(model.parameters()),
+        feed,
+        opt,
+        cfg,
+        epoch,
+        device,
+    )
+    return epoch_record(total_loss, total_examples, seconds)
+
+
+def fit_epoch(
+    loss_of,
+    params: list,
+    feed,
+    opt,
+    cfg: TrainConfig,
+    epoch: int,
+    device,
+    weights: np.ndarray | None = None,
+    show: bool = True,
+    where: str = "",
+) -> tuple[float, int, float]:
+    """The optimiser steps of one epoch: (sum of loss x examples, examples, seconds).
+
+    ``loss_of(batch)`` is the batch's mean loss; ``weights[step]`` scales it before the
+    backward pass (distributed training); ``show``: log and draw the progress bar.
+    """
+    total_loss, total_examples = 0.0, 0
     progress = Progress(feed.num_batches(), epoch, cfg.log_every)
     start = time.perf_counter()
-    for batch in feed.batches(epoch):
+    for step, batch in enumerate(feed.batches(epoch)):
         t0 = time.perf_counter()
         batch = batch.to(device)
-        loss = compute_loss(model, batch, cfg, log_q)
+        loss = loss_of(batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if weights is None else loss * float(weights[step])).backward()
         if cfg.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
         opt.step()
         value = float(loss.detach())
         if not np.isfinite(value):
             raise FloatingPointError(
-                f"loss became {value} at epoch {epoch} step {steps}: lower train.lr"
+                f"loss became {value} at epoch {epoch} step {step}{where}: lower train.lr"
             )
         n = len(batch.pos)
-        steps += 1
         total_loss += value * n
         total_examples += n
-        ms = (time.perf_counter() - t0) * 1000
-        rate = total_examples / (time.perf_counter() - start)
-        progress.update(steps, opt.param_groups[0]["lr"], ms, rate, value)
-    seconds = time.perf_counter() - start
+        if show:
+            ms = (time.perf_counter() - t0) * 1000
+            rate = total_examples / (time.perf_counter() - start)
+            progress.update(step + 1, opt.param_groups[0]["lr"], ms, rate, value)
+    return total_loss, total_examples, time.perf_counter() - start
+
+
+def epoch_record(total_loss: float, total_examples: int, seconds: float) -> dict:
     return {
         "loss": total_loss / max(1, total_examples),
         "examples": total_examples,
@@ -382,8 +414,7 @@ def run_train(
             data = eval_data(spark, prepared, cfg.eval_queries, cfg.seed)
         model = build_model(manifest, cfg).to(device)
         opt, sched = build_optimizer(model, cfg)
-        counts = np.diff(np.concatenate([[0], feed.item_cdf])).astype(np.float64)
-        log_q = torch.from_numpy(np.log(np.maximum(counts, 1) / counts.sum())).float().to(device)
+        log_q = item_log_q(feed.item_cdf, device)
 
         fingerprint = spec_fingerprint(manifest, cfg)
         state = load_checkpoint(config.output, fingerprint, model, opt, sched)
@@ -391,20 +422,13 @@ def run_train(
         interrupted = False
         with timer.phase("epochs"):
             for epoch in range(start_epoch, cfg.epochs):
-                if stop_after_epochs is not None and epoch >= stop_after_epochs:
-                    logger.warning("stopping after %d epochs as asked", epoch)
+                if asked_to_stop(epoch, stop_after_epochs):
                     interrupted = True
                     break
                 record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"]}
                 record.update(train_epoch(model, feed, opt, cfg, epoch, device, log_q))
                 sched.step()
-                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                    metrics = evaluate(model, queries, items, data, cfg.eval_ks, device)
-                    record["metrics"] = metrics
-                    logger.info(
-                        "epoch %d: loss %.5f %s", epoch + 1, record["loss"], _short(metrics)
-                    )
-                    best = keep_best(best, epoch + 1, metrics, model, cfg.select_metric)
+                best = evaluate_epoch(model, queries, items, data, cfg, record, best, device)
                 history.append(record)
                 save_checkpoint(
                     config.output, fingerprint, epoch + 1, model, opt, sched, history, best
@@ -422,6 +446,31 @@ def run_train(
         with timer.phase("write"):
             path = publish_model(storage, config, manifest, best, history, threads, device, started)
     return TrainResult(path, best["epoch"], best["metrics"], history)
+
+
+def item_log_q(item_cdf: np.ndarray, device) -> torch.Tensor:
+    """log of every item's share of the train pairs (counted as 1 when it has none): the
+    logQ correction of in-batch softmax."""
+    counts = np.diff(np.concatenate([[0], item_cdf])).astype(np.float64)
+    return torch.from_numpy(np.log(np.maximum(counts, 1) / counts.sum())).float().to(device)
+
+
+def asked_to_stop(epoch: int, stop_after_epochs: int | None) -> bool:
+    if stop_after_epochs is not None and epoch >= stop_after_epochs:
+        logger.warning("stopping after %d epochs as asked", epoch)
+        return True
+    return False
+
+
+def evaluate_epoch(model, queries, items, data, cfg: TrainConfig, record: dict, best, device):
+    """On evaluation epochs: metrics into ``record``, and the new best (else ``best``)."""
+    epoch = record["epoch"]
+    if epoch % cfg.eval_every and epoch != cfg.epochs:
+        return best
+    metrics = evaluate(model, queries, items, data, cfg.eval_ks, device)
+    record["metrics"] = metrics
+    logger.info("epoch %d: loss %.5f %s", epoch, record["loss"], _short(metrics))
+    return keep_best(best, epoch, metrics, model, cfg.select_metric)
 
 
 def keep_best(best: dict | None, epoch: int, metrics: dict, model, select_metric: str):

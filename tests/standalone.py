@@ -1,5 +1,7 @@
-"""A real Spark standalone cluster on 127.0.0.1: one master and N workers, started with
-the ``spark-class`` of the installed pyspark, each worker in its own working folder.
+"""A real Spark standalone cluster on loopback: a master on 127.0.0.1 and N workers on
+127.0.0.1, 127.0.0.2, ... (one address each, so that Spark sees N hosts: it never runs a
+speculative copy of a task on the host of the first attempt), started with the
+``spark-class`` of the installed pyspark, each worker in its own working folder.
 
     with StandaloneCluster(folder, workers=2) as cluster:
         run(["./spark-submit.sh", "--master", cluster.master_url, ...])
@@ -42,13 +44,13 @@ class StandaloneCluster:
         self.master_url = f"spark://127.0.0.1:{self.port}"
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
-    def _start(self, name: str, *args: str) -> None:
+    def _start(self, name: str, host: str, *args: str) -> None:
         home = spark_home()
         log = open(os.path.join(self.folder, f"{name}.log"), "w")
         env = {
             **os.environ,
             "SPARK_HOME": home,
-            "SPARK_LOCAL_IP": "127.0.0.1",
+            "SPARK_LOCAL_IP": host,
             "SPARK_LOG_DIR": self.folder,
             "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable),
         }
@@ -87,16 +89,17 @@ class StandaloneCluster:
         os.makedirs(self.folder, exist_ok=True)
         try:
             self._start(
-                "master", "org.apache.spark.deploy.master.Master",
+                "master", "127.0.0.1", "org.apache.spark.deploy.master.Master",
                 "--host", "127.0.0.1", "--port", str(self.port),
                 "--webui-port", str(self.ui_port),
             )  # fmt: skip
             for i in range(self.workers):
                 work = os.path.join(self.folder, f"worker-{i}")
                 os.makedirs(work, exist_ok=True)
+                host = f"127.0.0.{i + 1}"
                 self._start(
-                    f"worker-{i}", "org.apache.spark.deploy.worker.Worker", self.master_url,
-                    "--host", "127.0.0.1", "--cores", str(self.cores),
+                    f"worker-{i}", host, "org.apache.spark.deploy.worker.Worker", self.master_url,
+                    "--host", host, "--cores", str(self.cores),
                     "--memory", self.memory, "--work-dir", work, "--webui-port", "0",
                 )  # fmt: skip
             self._wait_for_workers(120)

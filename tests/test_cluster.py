@@ -1,5 +1,5 @@
 """The whole pipeline through spark-submit.sh: in local mode, and on a real standalone
-cluster (a master and two workers on 127.0.0.1) against the same config; speculative
+cluster (a master and two workers on loopback addresses) against the same config; speculative
 execution on that cluster (local mode never speculates)."""
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def submit(
     done = subprocess.run(
         [os.path.join(ROOT, "spark-submit.sh"), *args],
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
+        # The driver binds to loopback too (not the host's first interface).
+        env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -75,7 +76,7 @@ def test_pipeline_job_writes_every_output(local_run):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A master and two workers on 127.0.0.1, one core and its own folder each."""
+    """A master and two workers (127.0.0.1 and 127.0.0.2), one core and a folder each."""
     with StandaloneCluster(str(tmp_path_factory.mktemp("cluster")), workers=2) as started:
         yield started
 
@@ -96,7 +97,9 @@ def test_pipeline_on_a_standalone_cluster_matches_local_mode(local_run, cluster,
     local, out = local_run[0], cluster_run
     # The executors ran on both workers, each in its own working folder, and each was
     # sent the package as the zip that spark-submit.sh ships with --py-files.
-    print("master status:", json.dumps(cluster.status())[:2000])
+    status = cluster.status()
+    assert status["aliveworkers"] == 2
+    assert [app["state"] for app in status["completedapps"]] == ["FINISHED"]
     for i in range(2):
         work = os.path.join(cluster.folder, f"worker-{i}")
         shipped = glob.glob(os.path.join(work, "app-*", "*", "adjoint_spark.zip"))
@@ -119,14 +122,18 @@ def test_pipeline_on_a_standalone_cluster_matches_local_mode(local_run, cluster,
     for key in ("exact", "index"):
         assert set(ma[key]) == set(mb[key])
         for metric, value in ma[key].items():
-            assert abs(value - mb[key][metric]) <= 0.01, (key, metric, value, mb[key][metric])
+            if isinstance(value, str):
+                assert value == mb[key][metric], (key, metric)
+            else:
+                assert abs(value - mb[key][metric]) <= 0.01, (key, metric, value, mb[key][metric])
 
 
 def speculative_successes(event_log_dir: str) -> int:
     """Speculative task attempts that finished successfully, read from Spark's event log."""
     count = 0
-    for name in os.listdir(event_log_dir):
-        with open(os.path.join(event_log_dir, name)) as fh:
+    # Spark 4 writes rolling event logs: a folder per application.
+    for name in glob.glob(os.path.join(event_log_dir, "*", "events_*")):
+        with open(name) as fh:
             for line in fh:
                 event = json.loads(line)
                 if event.get("Event") != "SparkListenerTaskEnd":
@@ -152,7 +159,7 @@ def test_speculative_attempts_give_the_same_index_and_recommendations(
         "--conf", "spark.speculation.minTaskRuntime=1s", "--conf", "spark.eventLog.enabled=true",
         "--conf", "spark.eventLog.compress=false", "--conf", f"spark.eventLog.dir=file://{events}",
     ]  # fmt: skip
-    env = {"ADJOINT_SLOW_TASKS": "embed:1;shards:1;search:1", "ADJOINT_SLOW_TASK_SECONDS": "60"}
+    env = {"ADJOINT_SLOW_TASKS": "embed:1;shards:1;search:1", "ADJOINT_SLOW_TASK_SECONDS": "30"}
     for job in ("index", "retrieve"):
         done, seconds = submit(
             "--master", cluster.master_url, *EXECUTORS, *speculation, job, *SETTINGS,
