@@ -3,8 +3,9 @@
 Artifacts under ``<output>/model/`` (published whole): ``model.pt`` (a state dict that
 loads with ``torch.load(weights_only=True)``), ``model.json`` (train config, feature
 spec, vocabulary sizes, best metrics), ``history.json`` (loss and metrics per epoch) and
-``training.png``. ``<output>/_checkpoint/train.pt`` holds the last finished epoch so an
-interrupted run resumes where it stopped.
+``training.png``. A checkpoint (:func:`checkpoint_path`: ``<output>/_checkpoint/train.pt``
+for a local output) holds the last finished epoch so an interrupted run resumes where it
+stopped.
 """
 
 from __future__ import annotations
