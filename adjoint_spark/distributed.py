@@ -41,14 +41,13 @@ from adjoint_spark.config import Config, TrainConfig
 from adjoint_spark.faults import maybe_kill_after_epoch
 from adjoint_spark.feed import (
     FeatureTable,
-    HistoryRule,
     MemoryFeed,
     TrainBatch,
-    history_columns,
     load_features,
     read_parquet_columns,
+    sorted_pairs,
 )
-from adjoint_spark.sampling import NegativeSpec, PairSet, epoch_order
+from adjoint_spark.sampling import NegativeSpec, epoch_order
 from adjoint_spark.storage import Storage, join, to_uri
 from adjoint_spark.timing import Timer
 from adjoint_spark.train import (
@@ -197,8 +196,7 @@ def read_train_shard(
     data = read_parquet_columns(path, ["query_idx", "item_idx"], workers, (rank, world_size))
     if not data:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    order = np.lexsort((data["item_idx"], data["query_idx"]))
-    return data["query_idx"][order].astype(np.int64), data["item_idx"][order].astype(np.int64)
+    return sorted_pairs(data)
 
 
 def step_sizes(num_pairs: int, num_steps: int) -> np.ndarray:
@@ -235,10 +233,7 @@ class ShardFeed(MemoryFeed):
         self.queries, self.items = queries, items
         self.pair_query, self.pair_item = shards[rank]
         all_query = np.concatenate([q for q, _ in shards])
-        all_item = np.concatenate([i for _, i in shards])
-        self.positives = PairSet(all_query, all_item, self.num_items)
-        self.item_cdf = np.cumsum(np.bincount(all_item, minlength=self.num_items))
-        self.rule = HistoryRule(tuple(history_columns(manifest)), history_sample, spec.seed)
+        self.learn_pairs(all_query, np.concatenate([i for _, i in shards]), history_sample)
 
         self.num_steps = -(-len(all_query) // batch_size)
         sizes = np.stack([step_sizes(len(q), self.num_steps) for q, _ in shards])

@@ -231,18 +231,23 @@ class MemoryFeed:
         self.queries = load_features(prepared, manifest, "queries", workers)
         self.items = load_features(prepared, manifest, "items", workers)
         pairs = read_parquet_columns(f"{prepared}/train_pairs", ["query_idx", "item_idx"], workers)
-        order = np.lexsort((pairs["item_idx"], pairs["query_idx"]))
-        self.pair_query = pairs["query_idx"][order].astype(np.int64)
-        self.pair_item = pairs["item_idx"][order].astype(np.int64)
-        self.positives = PairSet(self.pair_query, self.pair_item, self.num_items)
-        counts = np.bincount(self.pair_item, minlength=self.num_items)
-        self.item_cdf = np.cumsum(counts)
-        self.rule = HistoryRule(tuple(history_columns(manifest)), history_sample, spec.seed)
+        self.pair_query, self.pair_item = sorted_pairs(pairs)
+        self.learn_pairs(self.pair_query, self.pair_item, history_sample)
         logger.info(
             "memory feed: %d queries, %d items, %d train pairs",
             len(self.queries),
             len(self.items),
             len(self.pair_query),
+        )
+
+    def learn_pairs(self, query: np.ndarray, item: np.ndarray, history_sample: int) -> None:
+        """What sampling needs from ALL train pairs: each query's positives (never drawn
+        as negatives), the items' pair counts (popular negatives, logQ) and the history
+        rule."""
+        self.positives = PairSet(query, item, self.num_items)
+        self.item_cdf = np.cumsum(np.bincount(item, minlength=self.num_items))
+        self.rule = HistoryRule(
+            tuple(history_columns(self.manifest)), history_sample, self.spec.seed
         )
 
     @property
@@ -273,6 +278,13 @@ class MemoryFeed:
             self.rule,
             epoch,
         )
+
+
+def sorted_pairs(columns: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(query_idx, item_idx)`` as int64, ordered by query, then item (the reader's row
+    order is not stable)."""
+    order = np.lexsort((columns["item_idx"], columns["query_idx"]))
+    return columns["query_idx"][order].astype(np.int64), columns["item_idx"][order].astype(np.int64)
 
 
 def feature_columns(manifest: dict, table: str) -> list[str]:
