@@ -191,6 +191,7 @@ class PrepareConfig:
     categorical_min_count: int = 1
     empty_sequence: Literal["reject", "allow"] = "reject"
     label_counts: bool = False
+    label_times: bool = False
     split: SplitConfig = field(default_factory=SplitConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
 

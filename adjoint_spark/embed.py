@@ -1,18 +1,21 @@
 """Embedding rows of the prepared tables with one tower of a trained model, in Spark.
 
-The driver reads ``model/model.json`` and ``model/model.pt`` once (:class:`ModelArtifact`)
-and broadcasts the state of ONE tower (its weights and the shared item-id table); each
-Python worker rebuilds that tower once and keeps it for the tasks it runs. The
+The driver reads ``model/model.json`` and ``model/model.pt`` once (:class:`ModelArtifact`;
+``model.pt`` memory-mapped, never whole in the driver's memory) and broadcasts the state
+of ONE tower (its weights, and the shared item-id table only when that tower reads it);
+each Python worker rebuilds that tower once and keeps it for the tasks it runs. The
 functions given to ``mapInPandas`` are built by :func:`embed_partitions` and take their
 thread count from the task's ``spark.task.cpus``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
+import os
+import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -22,11 +25,12 @@ import torch
 
 from adjoint_spark.faults import NO_FAULTS, TaskFaults, maybe_fail_task
 from adjoint_spark.model import Tower, TowerShape, TowerSpec
-from adjoint_spark.storage import ArtifactError, Storage, join
+from adjoint_spark.storage import ArtifactError, Storage, join, local_path, sha256_file
 
 logger = logging.getLogger(__name__)
 
 SIDES = {"query": ("queries", "query_id", "query_idx"), "item": ("items", "item_id", "item_idx")}
+ITEM_TABLE = "item_table.weight"  # the shared item-id table, as named in a tower's state
 
 
 @dataclass(frozen=True)
@@ -35,13 +39,15 @@ class ModelArtifact:
 
     Attributes:
         info: the parsed ``model.json``.
-        state: the raw bytes of ``model.pt``.
+        state: the state dict of ``model.pt``, memory-mapped from the file (from a local
+            copy when the output is not on the local file system), so a tensor is read
+            from disk only when a tower payload serialises it.
         fingerprint: SHA-256 of ``model.pt``; the index records it.
     """
 
     path: str
     info: dict
-    state: bytes
+    state: dict
     fingerprint: str
 
     @staticmethod
@@ -53,8 +59,18 @@ class ModelArtifact:
                     f"{join(path, name)} does not exist: run the train stage first"
                 )
         info = storage.read_json(join(path, "model.json"))
-        state = storage.read_bytes(join(path, "model.pt"))
-        return ModelArtifact(path, info, state, hashlib.sha256(state).hexdigest())
+        local = local_path(join(path, "model.pt"))
+        if local is not None:
+            fingerprint, state = load_state(local, path)
+            return ModelArtifact(path, info, state, fingerprint)
+
+        # Copied to the driver's disk through Hadoop (streamed, not through py4j). The copy
+        # is deleted once mapped: its pages stay readable until the state is freed.
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = os.path.join(tmp, "model.pt")
+            storage.copy_to_local(join(path, "model.pt"), copy)
+            fingerprint, state = load_state(copy, path)
+        return ModelArtifact(path, info, state, fingerprint)
 
     def check_prepared(self, manifest: dict, manifest_path: str) -> None:
         """Refuse prepared data whose features differ from those the model was trained on."""
@@ -66,18 +82,13 @@ class ModelArtifact:
                 )
 
     def tower_state(self, side: str) -> bytes:
-        """The state dict of one tower (with the shared item-id table), serialised."""
-        try:
-            # weights_only: tensors and plain containers only, never arbitrary objects.
-            state = torch.load(io.BytesIO(self.state), weights_only=True, map_location="cpu")
-        except Exception as exc:  # noqa: BLE001 - any failure means an unusable file
-            raise ArtifactError(
-                f"{self.path}/model.pt cannot be loaded as a plain state dict ({exc}); "
-                "it is damaged or not written by the train stage: train again"
-            ) from None
+        """The state dict of one tower, serialised: with the shared item-id table only
+        when the tower reads it (:func:`needs_item_table`)."""
         prefix = f"{side}_tower."
-        tower = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        tower = {k[len(prefix) :]: v for k, v in self.state.items() if k.startswith(prefix)}
         assert tower, f"model.pt has no {side} tower weights"
+        if not needs_item_table(self.info, side):
+            tower.pop(ITEM_TABLE, None)
         buf = io.BytesIO()
         torch.save(tower, buf)
         return buf.getvalue()
@@ -94,15 +105,58 @@ class ModelArtifact:
         }
 
 
+def load_state(file: str, model_dir: str) -> tuple[str, dict]:
+    """The SHA-256 and the state dict of a local ``model.pt``, both streamed from the file:
+    the state memory-mapped (zip format, as ``torch.save`` writes by default), so its
+    tensors are not held in memory. ``model_dir`` names the file in errors."""
+    before = file_identity(file)
+    fingerprint = sha256_file(file)
+    try:
+        # weights_only: tensors and plain containers only, never arbitrary objects.
+        state = torch.load(
+            file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file)
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure means an unusable file
+        raise ArtifactError(
+            f"{model_dir}/model.pt cannot be loaded as a plain state dict ({exc}); "
+            "it is damaged or not written by the train stage: train again"
+        ) from None
+    if file_identity(file) != before:
+        raise ArtifactError(
+            f"{model_dir}/model.pt changed while it was read (its fingerprint may not match "
+            "the weights): wait for the train stage writing it to finish, then run again"
+        )
+    return fingerprint, state
+
+
+def file_identity(file: str) -> tuple[int, int, int]:
+    """Inode, size and modification time: a file replaced or rewritten changes them."""
+    status = os.stat(file)
+    return status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def needs_item_table(info: dict, side: str) -> bool:
+    """Whether a tower reads the shared item-id table: for its sequence features, and
+    the item tower also for its own id (a query's own id has a table of its own)."""
+    spec = TowerSpec.from_manifest(info, side)
+    shape = TowerShape(**info[f"{side}_tower"])
+    return bool(spec.sequences) or (side == "item" and shape.use_id)
+
+
 def build_tower(payload: dict) -> Tower:
     """Rebuild one tower in eval mode from :meth:`ModelArtifact.tower_payload`."""
     info = json.loads(payload["info"])
     side = payload["side"]
     spec = TowerSpec.from_manifest(info, side)
     shape = TowerShape(**info[f"{side}_tower"])
-    item_table = torch.nn.Embedding(info["num_items"] + 1, shape.feature_dim, padding_idx=0)
-    tower = Tower(spec, shape, item_table, side)
     state = torch.load(io.BytesIO(payload["state"]), weights_only=True, map_location="cpu")
+
+    # A tower that never reads the item-id table is shipped without it and gets a
+    # one-row stand-in, so that every other weight still loads strictly.
+    rows = info["num_items"] + 1 if ITEM_TABLE in state else 1
+    item_table = torch.nn.Embedding(rows, shape.feature_dim, padding_idx=0)
+    tower = Tower(spec, shape, item_table, side)
+    state.setdefault(ITEM_TABLE, item_table.weight.detach())
     tower.load_state_dict(state)
     tower.eval()
     return tower

@@ -236,7 +236,8 @@ def add_partitions(
 
 def exact_top_k_partitions(queries, k: int) -> Callable[[Iterator[pd.DataFrame]], Iterator]:
     """Per partition of item vectors, the exact top ``k`` of each query (inner product);
-    the driver merges the partitions' lists. ``queries`` is a broadcast (Q, D) array."""
+    :func:`top_k_per_query` merges the partitions' lists. ``queries`` is a broadcast
+    (Q, D) array."""
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         set_threads(task_threads())
@@ -265,6 +266,18 @@ def exact_top_k_partitions(queries, k: int) -> Callable[[Iterator[pd.DataFrame]]
         )
 
     return run
+
+
+def top_k_per_query(rows, k: int):
+    """The ``k`` best (query, idx, score) rows of each query, merged in Spark from the
+    partitions' top-k lists, so the driver collects (queries x k) rows whatever the
+    number of partitions. Ties are broken as in :func:`merge_exact` (lower idx first)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    order = Window.partitionBy("query").orderBy(F.col("score").desc(), F.col("idx"))
+    ranked = rows.withColumn("rank", F.row_number().over(order))
+    return ranked.where(F.col("rank") <= k).drop("rank")
 
 
 def merge_exact(rows: pd.DataFrame, num_queries: int, k: int) -> list[np.ndarray]:
@@ -397,6 +410,8 @@ def run_index(spark, config: Config, timer: Timer | None = None) -> IndexResult:
                     vector_schema(id_type),
                 )
                 embedded.write.mode("overwrite").parquet(vectors_stage.path)
+                # Destroyed, not unpersisted: the driver's copy of the item tower goes too.
+                payload.destroy()
                 vectors = spark.read.parquet(vectors_stage.path)
 
             with timer.phase("train"):
@@ -418,7 +433,6 @@ def run_index(spark, config: Config, timer: Timer | None = None) -> IndexResult:
                 shards = [r.asDict() for r in rows.collect()]
                 check_shards(shards, num_partitions, num_items)
                 shipped.unpersist()
-                payload.unpersist()
 
             with timer.phase("merge"), tempfile.TemporaryDirectory() as tmp:
                 code_size = faiss.extract_index_ivf(trained).code_size
@@ -529,19 +543,24 @@ def check_vectors_table(vectors, num_items: int, F) -> None:
 
 
 def sweep_sample(spark, model: ModelArtifact, prepared: str, vectors, cfg: IndexConfig):
-    """A seeded sample of query vectors and their exact top-k items (computed in Spark)."""
+    """A seeded sample of query vectors and their exact top-k items (computed in Spark;
+    the driver receives (queries x k) rows, not (partitions x queries x k))."""
     queries = sample_frame(
         spark.read.parquet(join(prepared, "queries")), cfg.sweep_queries, cfg.seed, "query_idx"
     )
-    payload = model.tower_payload("query")
+    payload = spark.sparkContext.broadcast(model.tower_payload("query"))
     id_type = dict(queries.dtypes)["query_id"]
     embedded = queries.mapInPandas(embed_partitions(payload, cfg.batch_size),
                                    vector_schema(id_type)).toPandas()  # fmt: skip
+    payload.destroy()
     embedded = embedded.sort_values("idx")
     query_vectors = np.ascontiguousarray(np.stack(embedded["embedding"].to_numpy()), np.float32)
+
+    # Each partition keeps its top k per query; Spark merges them per query.
     shipped = spark.sparkContext.broadcast(query_vectors)
     rows = vectors.mapInPandas(
         exact_top_k_partitions(shipped, cfg.sweep_k), "query long, idx long, score float"
-    ).toPandas()
+    )
+    rows = top_k_per_query(rows, cfg.sweep_k).toPandas()
     shipped.unpersist()
     return query_vectors, merge_exact(rows, len(query_vectors), cfg.sweep_k)

@@ -283,6 +283,26 @@ def train_counts(train: DataFrame, key: str) -> DataFrame:
     return train.groupBy(F.col(key).alias("key")).agg(F.count(F.lit(1)).alias("_count"))
 
 
+LABEL_TIMES = (("train_ts_mean", F.mean), ("train_ts_first", F.min), ("train_ts_last", F.max))
+
+
+def train_times(train: DataFrame, key: str) -> tuple[DataFrame, float]:
+    """Mean, first and last timestamp of each entity's train pairs, and the mean over all
+    train pairs (what an entity without timestamped train pairs takes instead).
+
+    Raises :class:`PrepareError` when no train pair has a timestamp.
+    """
+    timed = train.where(F.col("ts").isNotNull())
+    overall = timed.agg(F.mean("ts")).first()[0]
+    if overall is None:
+        raise PrepareError(
+            "prepare.label_times needs timestamps on the labels, and no train label has one:"
+            " name the labels' time column (labels.timestamp) or set label_times: false"
+        )
+    aggs = [fn("ts").cast("double").alias(f"_{name}") for name, fn in LABEL_TIMES]
+    return timed.groupBy(F.col(key).alias("key")).agg(*aggs), float(overall)
+
+
 @dataclass
 class EncodedTable:
     frame: DataFrame
@@ -317,6 +337,13 @@ def encode_entities(
         )
         numeric.append("log_train_count")
         num_cols.append("n_count")
+    if options.label_times:
+        times, overall = train_times(train, label_key)
+        df = df.join(times, "key", "left")
+        for name, _ in LABEL_TIMES:
+            df = df.withColumn(f"n_{name}", F.coalesce(F.col(f"_{name}"), F.lit(overall)))
+            numeric.append(name)
+            num_cols.append(f"n_{name}")
     if role == "query" and options.history.enabled:
         df = df.join(history_sequences(train, options.history.max_len), "key", "left")
         empty = F.array_repeat(F.lit(0), options.history.max_len)

@@ -199,21 +199,18 @@ def child_spark_io(config_path: str, driver_memory: str) -> dict:
 
 def child_bare(run: str, threads: str) -> dict:
     """Read, embed, add in one process: the limit of this machine for the same work."""
-    import hashlib
-
     import faiss
     import numpy as np
     import pyarrow.parquet as pq
 
     from adjoint_spark.config import IndexConfig
-    from adjoint_spark.embed import ModelArtifact, build_tower, embed_frame, set_threads
+    from adjoint_spark.embed import ModelArtifact, build_tower, embed_frame, load_state, set_threads
 
     set_threads(int(threads))
     with open(os.path.join(run, "model", "model.json")) as fh:
         info = json.load(fh)
-    with open(os.path.join(run, "model", "model.pt"), "rb") as fh:
-        state = fh.read()
-    model = ModelArtifact("model", info, state, hashlib.sha256(state).hexdigest())
+    fingerprint, state = load_state(os.path.join(run, "model", "model.pt"), "model")
+    model = ModelArtifact("model", info, state, fingerprint)
     tower = build_tower(model.tower_payload("item"))
     index = faiss.read_index(os.path.join(run, "bench-trained.faiss"))
     batch_size, rows = IndexConfig().batch_size, 10_000  # Spark's Arrow batches: 10,000
@@ -542,7 +539,7 @@ def check_artifacts(run: str) -> None:
         info = json.load(fh)
     with open(os.path.join(run, "prepared", "manifest.json")) as fh:
         manifest = json.load(fh)
-    ModelArtifact("model", info, b"", "").check_prepared(manifest, "manifest.json")
+    ModelArtifact("model", info, {}, "").check_prepared(manifest, "manifest.json")
     model = TwoTower(
         TowerSpec.from_manifest(manifest, "query"),
         TowerSpec.from_manifest(manifest, "item"),

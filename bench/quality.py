@@ -28,6 +28,8 @@ from adjoint_spark.session import setup_logging
 from adjoint_spark.train import run_train
 from bench.common import OUT, ROOT, local_session, save
 
+# The design's tuned-ALS figures on protocol P1 (the issue's target is +4 % over them).
+DESIGN_ALS = {"ndcg@10": 0.480, "recall@40": 0.496}
 COLUMNS = ["precision@10", "recall@10", "ndcg@10", "map@10", "recall@40", "ndcg@40",
            "micro_recall@40"]  # fmt: skip
 
@@ -70,6 +72,23 @@ def rank_scores(scores: np.ndarray, train, test, k: int = 40) -> dict:
 def popularity(train, test, num_queries, num_items) -> dict:
     counts = np.bincount(train[1], minlength=num_items).astype(np.float64)
     return rank_scores(np.tile(counts, (num_queries, 1)), train, test)
+
+
+def ease_grid(train, test, num_queries, num_items) -> tuple[dict, dict]:
+    """EASE (a closed-form item-item model), its L2 weight tuned on the test split: a
+    reference for how far a full-rank item-item model gets on this split."""
+    x = np.zeros((num_queries, num_items))
+    x[train] = 1.0
+    gram = x.T @ x
+    best, best_lambda = None, None
+    for lam in (100.0, 200.0, 400.0, 800.0):
+        inverse = np.linalg.inv(gram + lam * np.eye(num_items))
+        weights = -inverse / np.diag(inverse)
+        np.fill_diagonal(weights, 0.0)
+        metrics = rank_scores(x @ weights, train, test)
+        if best is None or metrics["ndcg@10"] > best["ndcg@10"]:
+            best, best_lambda = metrics, lam
+    return best, {"best_lambda": best_lambda}
 
 
 def als_grid(spark, train, test, num_queries, num_items, quick: bool) -> tuple[dict, dict]:
@@ -127,6 +146,7 @@ def main() -> None:
     rows = {"popularity": popularity(train, test, nq, ni)}
     rows["Spark ALS (implicit, tuned on test)"], als_info = als_grid(spark, train, test, nq, ni,
                                                                      args.quick)  # fmt: skip
+    rows["EASE (tuned on test)"], ease_info = ease_grid(train, test, nq, ni)
     runs = {}
     for loss in args.losses.split(","):
         overrides = [f"train.{k}={v}" for k, v in LOSS_SETTINGS[loss].items()]
@@ -154,14 +174,22 @@ def main() -> None:
     for name, g in gains.items():
         lines.append(f"- {name}: NDCG@10 {g['ndcg@10']:+.1%}, recall@40 {g['recall@40']:+.1%}"
                      " against tuned ALS")  # fmt: skip
+    for name in gains:
+        g = {k: rows[name][k] / v - 1 for k, v in DESIGN_ALS.items()}
+        lines.append(f"- {name}: NDCG@10 {g['ndcg@10']:+.1%}, recall@40 {g['recall@40']:+.1%}"
+                     " against the design's tuned-ALS figures (0.480, 0.496)")  # fmt: skip
     lines.append(f"- ALS grid: {als_info['best']} best of {len(als_info['tried'])}")
+    lines.append(f"- EASE: L2 weight {ease_info['best_lambda']} best of 100, 200, 400, 800")
     lines.append(f"- total time {time.perf_counter() - start:.0f} s")
     table = "\n".join(lines)
     print(table)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "quality.md"), "w") as fh:
         fh.write("# Quality on MovieLens-100K, protocol P1\n\n" + table + "\n")
-    save("quality", {"rows": rows, "als": als_info, "runs": runs, "gains_vs_als": gains})
+    save(
+        "quality",
+        {"rows": rows, "als": als_info, "ease": ease_info, "runs": runs, "gains_vs_als": gains},
+    )
     plot(rows, os.path.join(OUT, "quality.png"))
 
 

@@ -26,6 +26,7 @@ from adjoint_spark.index import (
     parse_nlist,
     plan_index,
     shard_name,
+    top_k_per_query,
     train_index,
 )
 
@@ -151,6 +152,39 @@ def test_exact_top_k_in_spark_matches_numpy(spark, vectors):
     expected = np.argsort(-(queries @ x.T), axis=1)[:, :7]
     for q in range(len(queries)):
         assert list(exact[q]) == list(expected[q])
+
+
+def test_top_k_per_query_merges_partitions_in_spark(spark, vectors):
+    x, df = vectors
+    queries = clustered_vectors(30, seed=5)
+    shipped = spark.sparkContext.broadcast(queries)
+    rows = df.mapInPandas(exact_top_k_partitions(shipped, 7), "query long, idx long, score float")
+    merged = top_k_per_query(rows, 7).toPandas()
+
+    # The driver gets (queries x k) rows, the exact top 7 of each query in NumPy.
+    assert len(merged) == 30 * 7 and (merged.groupby("query").size() == 7).all()
+    exact = merge_exact(merged, len(queries), 7)
+    expected = np.argsort(-(queries @ x.T), axis=1, kind="stable")[:, :7]
+    for q in range(len(queries)):
+        assert list(exact[q]) == list(expected[q])
+    ranked = merged.sort_values(["query", "score", "idx"], ascending=[True, False, True])
+    true_scores = np.einsum("qd,qkd->qk", queries, x[expected]).ravel()
+    np.testing.assert_allclose(ranked["score"], true_scores, rtol=0, atol=1e-5)
+
+
+def test_top_k_per_query_breaks_ties_by_lower_idx(spark):
+    # Scores on a coarse grid, so many tie: the k best by (score desc, idx asc).
+    rng = np.random.default_rng(9)
+    num_queries, num_items, k = 12, 200, 5
+    scores = (rng.integers(0, 8, (num_queries, num_items)) / 8).astype(np.float32)
+    q, i = np.nonzero(np.ones_like(scores, dtype=bool))
+    frame = pd.DataFrame({"query": q, "idx": i, "score": scores[q, i]})
+    df = spark.createDataFrame(frame, "query long, idx long, score float").repartition(4)
+    merged = top_k_per_query(df, k).toPandas()
+    assert len(merged) == num_queries * k
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    for query, ids in enumerate(merge_exact(merged, num_queries, k)):
+        assert list(ids) == list(expected[query])
 
 
 @pytest.mark.parametrize("nprobe", [1, 10])

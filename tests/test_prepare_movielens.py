@@ -56,7 +56,8 @@ def test_history_holds_only_train_items(movielens):
 def test_features_and_spec(movielens):
     result, tables = movielens
     spec = result.manifest["features"]
-    assert [n["name"] for n in spec["queries"]["numeric"]] == ["age", "log_train_count"]
+    times = ["train_ts_mean", "train_ts_first", "train_ts_last"]
+    assert [n["name"] for n in spec["queries"]["numeric"]] == ["age", "log_train_count", *times]
     assert [c["name"] for c in spec["queries"]["categorical"]] == [
         "gender",
         "occupation",
@@ -66,8 +67,30 @@ def test_features_and_spec(movielens):
     assert spec["queries"]["categorical"][1]["vocab_size"] == 22  # 21 occupations
     items = spec["items"]["numeric"]
     assert items[0]["name"] == "year" and items[0]["imputed"] == 1
-    assert len(items) == 1 + 19 + 1
+    assert len(items) == 1 + 19 + 1 + 3
     num = np.stack(tables["items"]["num"].to_numpy())
-    assert num.shape == (1682, 21) and np.isfinite(num).all()
+    assert num.shape == (1682, 24) and np.isfinite(num).all()
     assert abs(num[:, 0].mean()) < 1e-3  # standard scaling, the missing year at the mean
     assert sorted(tables["items"]["item_idx"]) == list(range(1682))
+
+
+@pytest.mark.parametrize("table,key", [("queries", "query_idx"), ("items", "item_idx")])
+def test_label_times_come_from_train_pairs_only(movielens, table, key):
+    result, tables = movielens
+    spec = result.manifest["features"][table]["numeric"]
+    first = [n["name"] for n in spec].index("train_ts_mean")
+    frame = tables[table].sort_values(key)
+    scaled = np.stack(frame["num"].to_numpy())[:, first : first + 3].astype(np.float64)
+    mean = np.array([spec[first + j]["mean"] for j in range(3)])
+    std = np.array([spec[first + j]["std"] for j in range(3)])
+    seconds = scaled * std + mean
+
+    # The reference: mean, first and last time of the entity's train pairs; an entity
+    # with no train pair takes the mean over all train pairs.
+    train = tables["train_pairs"]
+    stats = train.groupby(key)["ts"].agg(["mean", "min", "max"])
+    expected = np.full((len(frame), 3), train["ts"].mean())
+    expected[stats.index.to_numpy()] = stats.to_numpy()
+    np.testing.assert_allclose(seconds, expected, rtol=0, atol=1e-5 * std.max())  # float32
+    if table == "items":
+        assert len(stats) < len(frame), "some movies have no train pair"

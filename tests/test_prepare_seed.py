@@ -245,6 +245,14 @@ def test_column_counts_that_fit_no_row_stop_the_job(spark, tmp_path):
     assert "expected 9 fields, found 5" in message
 
 
+def test_label_times_without_timestamps_stop_the_job(spark, tmp_path):
+    paths = seed_files(str(tmp_path / "in"))
+    config = seed_config(paths, str(tmp_path / "out"), label_times=True)
+    with pytest.raises(PrepareError, match="label_times needs timestamps on the labels"):
+        run_prepare(spark, config)
+    assert not os.path.exists(tmp_path / "out" / "prepared")
+
+
 def test_empty_table_stops_the_job(spark, tmp_path):
     paths = seed_files(str(tmp_path / "in"), items=[])
     open(paths["items"], "w").close()

@@ -3,6 +3,8 @@ checked against exact references, and the artifacts they refuse."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -81,6 +83,27 @@ def test_embedding_function_runs_on_an_executor(spark, pipeline_run):
     assert len(merged) == 900 and (merged["id"] == merged["id_published"]).all()
     for a, b in zip(merged["embedding"], merged["embedding_published"], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_model_is_read_once_and_payloads_carry_what_each_tower_reads(
+    spark, pipeline_run, monkeypatch
+):
+    _, config = pipeline_run
+    model = ModelArtifact.read(Storage(spark), config.output)
+    with open(os.path.join(config.output, "model", "model.pt"), "rb") as fh:
+        assert model.fingerprint == hashlib.sha256(fh.read()).hexdigest()
+
+    # The query tower has no sequence feature: it is shipped without the item-id table.
+    for side, has_table in (("query", False), ("item", True)):
+        state = torch.load(io.BytesIO(model.tower_state(side)), weights_only=True)
+        assert ("item_table.weight" in state) == has_table, side
+
+    # An output off the local file system is read from a local copy, to the same state.
+    monkeypatch.setattr("adjoint_spark.embed.local_path", lambda uri: None)
+    copied = ModelArtifact.read(Storage(spark), config.output)
+    assert copied.fingerprint == model.fingerprint and copied.state.keys() == model.state.keys()
+    for key, value in model.state.items():
+        assert torch.equal(copied.state[key], value), key
 
 
 def test_recommendations_are_complete_ranked_and_unseen(spark, pipeline_run):
