@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from adjoint_spark.faults import NO_FAULTS, TaskFaults, maybe_fail_task
-from adjoint_spark.model import Tower, TowerShape, TowerSpec
+from adjoint_spark.model import Tower, TowerShape, TowerSpec, reads_item_table
 from adjoint_spark.storage import ArtifactError, Storage, join, local_path, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -62,14 +62,13 @@ class ModelArtifact:
         local = local_path(join(path, "model.pt"))
         if local is not None:
             fingerprint, state = load_state(local, path)
-            return ModelArtifact(path, info, state, fingerprint)
-
-        # Copied to the driver's disk through Hadoop (streamed, not through py4j). The copy
-        # is deleted once mapped: its pages stay readable until the state is freed.
-        with tempfile.TemporaryDirectory() as tmp:
-            copy = os.path.join(tmp, "model.pt")
-            storage.copy_to_local(join(path, "model.pt"), copy)
-            fingerprint, state = load_state(copy, path)
+        else:
+            # Copied to the driver's disk through Hadoop (streamed, not through py4j). The
+            # copy is deleted once mapped: its pages stay readable until the state is freed.
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = os.path.join(tmp, "model.pt")
+                storage.copy_to_local(join(path, "model.pt"), copy)
+                fingerprint, state = load_state(copy, path)
         return ModelArtifact(path, info, state, fingerprint)
 
     def check_prepared(self, manifest: dict, manifest_path: str) -> None:
@@ -136,11 +135,10 @@ def file_identity(file: str) -> tuple[int, int, int]:
 
 
 def needs_item_table(info: dict, side: str) -> bool:
-    """Whether a tower reads the shared item-id table: for its sequence features, and
-    the item tower also for its own id (a query's own id has a table of its own)."""
+    """Whether the ``side`` tower of the model described by ``model.json`` reads the
+    shared item-id table (:func:`adjoint_spark.model.reads_item_table`)."""
     spec = TowerSpec.from_manifest(info, side)
-    shape = TowerShape(**info[f"{side}_tower"])
-    return bool(spec.sequences) or (side == "item" and shape.use_id)
+    return reads_item_table(spec, TowerShape(**info[f"{side}_tower"]), side)
 
 
 def build_tower(payload: dict) -> Tower:

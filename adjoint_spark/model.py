@@ -65,6 +65,13 @@ class TowerShape:
     sequence_projection: bool = True
 
 
+def reads_item_table(spec: TowerSpec, shape: TowerShape, side: str) -> bool:
+    """Whether a tower looks rows up in the shared item-id table (see
+    :meth:`Tower.features`): for its sequence features, and the item tower also for its
+    own id (a query's own id has a table of its own)."""
+    return bool(spec.sequences) or (side == "item" and shape.use_id)
+
+
 class SequencePool(nn.Module):
     """Linear + ReLU + dropout over item vectors, pooled over non-padding positions."""
 
