@@ -34,11 +34,13 @@ import pandas as pd
 
 from adjoint_spark.config import Config, IndexConfig
 from adjoint_spark.embed import (
+    Broadcasts,
     ModelArtifact,
     embed_partitions,
     set_threads,
     task_threads,
     vector_schema,
+    write_vectors,
 )
 from adjoint_spark.faults import NO_FAULTS, TaskFaults, maybe_fail_task, task_faults
 from adjoint_spark.storage import Staging, Storage, join, local_path, put_file, sha256_file
@@ -396,22 +398,28 @@ def run_index(spark, config: Config, timer: Timer | None = None) -> IndexResult:
         build_id = uuid.uuid4().hex[:12]
 
         with (
+            Broadcasts(spark) as broadcasts,
             Staging(storage, output, "vectors/items") as vectors_stage,
             Staging(storage, output, "index") as index_stage,
         ):
+            # Both towers go out as broadcasts now (the driver keeps no copy of a value it
+            # broadcasts) and model.pt is unmapped: the stage holds no more of the model.
+            fingerprint = model.fingerprint
+            item_tower = broadcasts.add("item tower", model.tower_payload("item"))
+            query_tower = broadcasts.add("query tower", model.tower_payload("query"))
+            del model
+
             with timer.phase("embed"):
                 items = spark.read.parquet(join(prepared, "items"))
                 if cfg.num_partitions:
                     items = items.repartition(cfg.num_partitions, "item_idx")
-                payload = spark.sparkContext.broadcast(model.tower_payload("item"))
                 id_type = dict(items.dtypes)["item_id"]
                 embedded = items.mapInPandas(
-                    embed_partitions(payload, cfg.batch_size, task_faults("embed")),
+                    embed_partitions(item_tower, cfg.batch_size, task_faults("embed")),
                     vector_schema(id_type),
                 )
-                embedded.write.mode("overwrite").parquet(vectors_stage.path)
-                # Destroyed, not unpersisted: the driver's copy of the item tower goes too.
-                payload.destroy()
+                write_vectors(embedded, vectors_stage.path)
+                broadcasts.destroy("item tower")
                 vectors = spark.read.parquet(vectors_stage.path)
 
             with timer.phase("train"):
@@ -426,13 +434,13 @@ def run_index(spark, config: Config, timer: Timer | None = None) -> IndexResult:
                 shard_dir = join(index_stage.path, SHARDS_DIR)
                 storage.mkdirs(shard_dir)
                 num_partitions = vectors.rdd.getNumPartitions()
-                shipped = spark.sparkContext.broadcast(trained_bytes)
+                shipped = broadcasts.add("trained index", trained_bytes)
                 rows = vectors.mapInPandas(
                     add_partitions(shipped, shard_dir, task_faults("shards")), SHARD_SCHEMA
                 )
                 shards = [r.asDict() for r in rows.collect()]
                 check_shards(shards, num_partitions, num_items)
-                shipped.unpersist()
+                broadcasts.destroy("trained index")
 
             with timer.phase("merge"), tempfile.TemporaryDirectory() as tmp:
                 code_size = faiss.extract_index_ivf(trained).code_size
@@ -455,7 +463,8 @@ def run_index(spark, config: Config, timer: Timer | None = None) -> IndexResult:
                     del ids
 
                 with timer.phase("sweep"):
-                    queries, exact = sweep_sample(spark, model, prepared, vectors, cfg)
+                    queries, exact = sweep_sample(spark, query_tower, prepared, vectors, cfg)
+                    broadcasts.destroy("query tower")
                     sweep = sweep_nprobe(index, queries, exact, cfg.sweep_k)
                     chosen = choose_nprobe(sweep, cfg.target_recall)
                     faiss.ParameterSpace().set_index_parameter(index, "nprobe", chosen["nprobe"])
@@ -507,7 +516,7 @@ def run_index(spark, config: Config, timer: Timer | None = None) -> IndexResult:
                 "bytes_per_vector": round(total_bytes / num_items, 2),
                 "list_sizes": list_size_stats(sizes),
                 "list_size_values": sizes.tolist() if len(sizes) <= 65536 else None,
-                "model_fingerprint": model.fingerprint,
+                "model_fingerprint": fingerprint,
                 "build_id": build_id,
                 "seconds": round(time.perf_counter() - started, 3),
             }
@@ -542,17 +551,16 @@ def check_vectors_table(vectors, num_items: int, F) -> None:
         )
 
 
-def sweep_sample(spark, model: ModelArtifact, prepared: str, vectors, cfg: IndexConfig):
+def sweep_sample(spark, query_tower, prepared: str, vectors, cfg: IndexConfig):
     """A seeded sample of query vectors and their exact top-k items (computed in Spark;
-    the driver receives (queries x k) rows, not (partitions x queries x k))."""
+    the driver receives (queries x k) rows, not (partitions x queries x k)).
+    ``query_tower``: a broadcast of the query tower's payload."""
     queries = sample_frame(
         spark.read.parquet(join(prepared, "queries")), cfg.sweep_queries, cfg.seed, "query_idx"
     )
-    payload = spark.sparkContext.broadcast(model.tower_payload("query"))
     id_type = dict(queries.dtypes)["query_id"]
-    embedded = queries.mapInPandas(embed_partitions(payload, cfg.batch_size),
+    embedded = queries.mapInPandas(embed_partitions(query_tower, cfg.batch_size),
                                    vector_schema(id_type)).toPandas()  # fmt: skip
-    payload.destroy()
     embedded = embedded.sort_values("idx")
     query_vectors = np.ascontiguousarray(np.stack(embedded["embedding"].to_numpy()), np.float32)
 

@@ -29,6 +29,7 @@ from adjoint_spark.embed import (
     set_threads,
     task_threads,
     vector_schema,
+    write_vectors,
 )
 from adjoint_spark.faults import NO_FAULTS, TaskFaults, maybe_fail_task, task_faults
 from adjoint_spark.index import read_json_required
@@ -309,7 +310,7 @@ def run_retrieve(spark, config: Config, timer: Timer | None = None) -> RetrieveR
                     embed_partitions(payload, cfg.batch_size, task_faults("embed")),
                     vector_schema(id_type),
                 )
-                embedded.write.mode("overwrite").parquet(vectors_stage.path)
+                write_vectors(embedded, vectors_stage.path)
                 payload.unpersist()
 
             with timer.phase("search"):

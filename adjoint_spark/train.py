@@ -478,8 +478,21 @@ def keep_best(best: dict | None, epoch: int, metrics: dict, model, select_metric
     """The new best (epoch, metrics, a CPU copy of the weights), or ``best`` unchanged."""
     if best is not None and metrics[select_metric] <= best["metrics"][select_metric]:
         return best
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {"epoch": epoch, "metrics": metrics, "state": state}
+    return {"epoch": epoch, "metrics": metrics, "state": cpu_copy(model.state_dict())}
+
+
+def cpu_copy(state: dict) -> dict:
+    """A CPU copy of a state dict in which entries that share one tensor (the item-id
+    table: the model's and both towers') share one copy, so ``model.pt`` stores it once."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+               tuple(tensor.shape), tuple(tensor.stride()), tensor.device)  # fmt: skip
+        if key not in copies:
+            copies[key] = tensor.detach().cpu().clone()
+        out[name] = copies[key]
+    return out
 
 
 def patience_ran_out(best: dict | None, epoch: int, cfg: TrainConfig) -> bool:

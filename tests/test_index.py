@@ -225,3 +225,22 @@ def test_search_fills_k_for_long_histories_on_an_executor(spark, tmp_path, nprob
             # score, since ties may swap).
             best = np.sort(x[unseen] @ queries[q])[::-1][:20]
             np.testing.assert_allclose(got_scores, best, atol=1e-5)
+
+
+def test_broadcasts_are_destroyed_when_the_block_ends_or_fails(spark):
+    from adjoint_spark.embed import Broadcasts
+
+    rdd = spark.sparkContext.parallelize([1, 2], 2)
+    with pytest.raises(RuntimeError, match="stage failed"):
+        with Broadcasts(spark) as broadcasts:
+            kept = broadcasts.add("kept", 10)
+            early = broadcasts.add("early", 20)
+            assert rdd.map(lambda x: x + kept.value + early.value).collect() == [31, 32]
+            broadcasts.destroy("early")
+            assert list(broadcasts.live) == ["kept"]
+            raise RuntimeError("stage failed")
+    assert broadcasts.live == {}
+    # Both are gone: a job that reads either is refused.
+    for gone in (kept, early):
+        with pytest.raises(Exception, match="destroyed"):
+            rdd.map(lambda x, b=gone: x + b.value).collect()

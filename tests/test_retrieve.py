@@ -72,6 +72,28 @@ def test_vectors_match_the_towers_on_the_driver(spark, pipeline_run):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
+def test_vectors_are_written_without_dictionary_pages(pipeline_run):
+    import pyarrow.parquet as pq
+
+    def dictionary_chunks(name: str) -> int:
+        folder = os.path.join(config.output, name)
+        files = [f for f in os.listdir(folder) if f.endswith(".parquet")]
+        assert files, name
+        count = 0
+        for file in files:
+            meta = pq.ParquetFile(os.path.join(folder, file)).metadata
+            for group in range(meta.num_row_groups):
+                for column in range(meta.num_columns):
+                    chunk = meta.row_group(group).column(column)
+                    count += chunk.has_dictionary_page or any("DICT" in e for e in chunk.encodings)
+        return count
+
+    _, config = pipeline_run
+    assert dictionary_chunks("vectors/items") == dictionary_chunks("vectors/queries") == 0
+    # The same count sees the dictionaries of a table written with Spark's defaults.
+    assert dictionary_chunks("recommendations") > 0
+
+
 def test_embedding_function_runs_on_an_executor(spark, pipeline_run):
     _, config = pipeline_run
     model = ModelArtifact.read(Storage(spark), config.output)

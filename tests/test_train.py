@@ -83,6 +83,10 @@ def test_artifacts_load_safely(spark, prepared, tmp_path):
     result = run_train(spark, config_for(prepared, out, epochs=2))
     state = torch.load(os.path.join(result.path, "model.pt"), weights_only=True)
     assert "item_table.weight" in state and state["item_table.weight"].shape == (161, 16)
+    # The item-id table, shared by the model and both towers, is stored once.
+    tables = [k for k in state if k.endswith("item_table.weight")]
+    assert len(tables) == 3
+    assert len({state[k].untyped_storage().data_ptr() for k in tables}) == 1
     with open(os.path.join(result.path, "model.json")) as fh:
         info = json.load(fh)
     assert info["metrics"] == result.best_metrics and info["best_epoch"] == result.best_epoch
@@ -154,3 +158,18 @@ def test_stream_training_matches_memory_training(spark, prepared, tmp_path):
         h["loss"] for h in runs["memory"].history
     ]
     assert runs["stream"].best_metrics == runs["memory"].best_metrics
+
+
+def test_cpu_copy_keeps_shared_tensors_shared_and_copies_the_rest():
+    from adjoint_spark.train import cpu_copy
+
+    table = torch.arange(12.0).reshape(4, 3)
+    other = torch.ones(2)
+    state = {"a": table, "b": table, "c": other, "d": table[1:]}
+    copy = cpu_copy(state)
+    assert copy["a"] is copy["b"] and copy["a"] is not table
+    assert copy["d"] is not copy["a"]  # a view of other shape is a tensor of its own
+    for name, tensor in state.items():
+        assert torch.equal(copy[name], tensor)
+    table += 1  # training goes on: the copy keeps the weights of its epoch
+    assert copy["a"][0, 0] == 0.0
