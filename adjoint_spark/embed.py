@@ -1,11 +1,15 @@
 """Embedding rows of the prepared tables with one tower of a trained model, in Spark.
 
 The driver reads ``model/model.json`` and ``model/model.pt`` once (:class:`ModelArtifact`;
-``model.pt`` memory-mapped, never whole in the driver's memory) and broadcasts the state
-of ONE tower (its weights, and the shared item-id table only when that tower reads it);
-each Python worker rebuilds that tower once and keeps it for the tasks it runs. The
-functions given to ``mapInPandas`` are built by :func:`embed_partitions` and take their
-thread count from the task's ``spark.task.cpus``.
+``model.pt`` memory-mapped, never whole in the driver's memory). A tower reaches the
+executors in two parts: its layers' weights as a broadcast (small: they do not grow
+with the data), and its embedding tables (the item-id table, a query-id table, the
+categorical table: their rows grow with the catalogue and the vocabularies) in
+``model.pt`` itself, shipped once as a Spark file and memory-mapped by each Python
+worker. So the driver never reads the tables, and the Python workers of a host share
+one copy of them through the page cache. Each worker rebuilds a tower once and keeps it
+for the tasks it runs. The functions given to ``mapInPandas`` are built by
+:func:`embed_partitions` and take their thread count from the task's ``spark.task.cpus``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import io
 import json
 import logging
 import os
-import tempfile
+import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,12 +29,23 @@ import torch
 
 from adjoint_spark.faults import NO_FAULTS, TaskFaults, maybe_fail_task
 from adjoint_spark.model import Tower, TowerShape, TowerSpec, reads_item_table
-from adjoint_spark.storage import ArtifactError, Storage, join, local_path, sha256_file
+from adjoint_spark.storage import (
+    ArtifactError,
+    Storage,
+    files_dir,
+    join,
+    local_path,
+    sha256_file,
+    ship_file,
+)
 
 logger = logging.getLogger(__name__)
 
 SIDES = {"query": ("queries", "query_id", "query_idx"), "item": ("items", "item_id", "item_idx")}
 ITEM_TABLE = "item_table.weight"  # the shared item-id table, as named in a tower's state
+# A tower's embedding tables, as named in its state: their rows grow with the catalogue,
+# the queries and the vocabularies, so they reach executors in the shipped model.pt.
+TABLES = (ITEM_TABLE, "own_ids.weight", "categorical.weight")
 
 
 @dataclass(frozen=True)
@@ -39,16 +54,20 @@ class ModelArtifact:
 
     Attributes:
         info: the parsed ``model.json``.
-        state: the state dict of ``model.pt``, memory-mapped from the file (from a local
-            copy when the output is not on the local file system), so a tensor is read
-            from disk only when a tower payload serialises it.
+        state: the state dict of ``model.pt``, memory-mapped from ``file``, so a tensor is
+            read from disk only when something reads it.
         fingerprint: SHA-256 of ``model.pt``; the index records it.
+        file: the local ``model.pt`` (the output's own file, or a copy in
+            :func:`files_dir` when the output is not on the local file system).
+        identity: inode, size and modification time of ``file`` when it was hashed.
     """
 
     path: str
     info: dict
     state: dict
     fingerprint: str
+    file: str
+    identity: tuple[int, int, int]
 
     @staticmethod
     def read(storage: Storage, output: str) -> ModelArtifact:
@@ -61,15 +80,26 @@ class ModelArtifact:
         info = storage.read_json(join(path, "model.json"))
         local = local_path(join(path, "model.pt"))
         if local is not None:
+            identity = file_identity(local)
             fingerprint, state = load_state(local, path)
+            return ModelArtifact(path, info, state, fingerprint, local, identity)
+
+        # Copied to the driver's disk through Hadoop (streamed, not through py4j) and kept
+        # under its content's name in the folder of shipped files, once per process.
+        download = os.path.join(files_dir(), f"model-download-{uuid.uuid4().hex[:12]}.pt")
+        storage.copy_to_local(join(path, "model.pt"), download)
+        fingerprint, state = load_state(download, path)
+        local = os.path.join(files_dir(), f"model-{fingerprint[:16]}.pt")
+        if os.path.exists(local):
+            os.remove(download)  # an earlier copy of the same content (its pages stay mapped)
         else:
-            # Copied to the driver's disk through Hadoop (streamed, not through py4j). The
-            # copy is deleted once mapped: its pages stay readable until the state is freed.
-            with tempfile.TemporaryDirectory() as tmp:
-                copy = os.path.join(tmp, "model.pt")
-                storage.copy_to_local(join(path, "model.pt"), copy)
-                fingerprint, state = load_state(copy, path)
-        return ModelArtifact(path, info, state, fingerprint)
+            os.replace(download, local)
+        return ModelArtifact(path, info, state, fingerprint, local, file_identity(local))
+
+    @property
+    def file_name(self) -> str:
+        """The name ``model.pt`` is shipped under: unique to its content."""
+        return f"model-{self.fingerprint[:16]}.pt"
 
     def check_prepared(self, manifest: dict, manifest_path: str) -> None:
         """Refuse prepared data whose features differ from those the model was trained on."""
@@ -80,20 +110,35 @@ class ModelArtifact:
                     "was trained on other prepared data; train again on this data"
                 )
 
-    def tower_state(self, side: str) -> bytes:
-        """The state dict of one tower, serialised: with the shared item-id table only
-        when the tower reads it (:func:`needs_item_table`)."""
+    def tower_keys(self, side: str) -> tuple[dict[str, str], dict[str, str]]:
+        """(layers, tables) of one tower: {name in the tower's state: key in model.pt}.
+        Tables are the embedding tables (:data:`TABLES`) the tower reads; the shared
+        item-id table only when the tower reads it (:func:`needs_item_table`)."""
         prefix = f"{side}_tower."
-        tower = {k[len(prefix) :]: v for k, v in self.state.items() if k.startswith(prefix)}
-        assert tower, f"model.pt has no {side} tower weights"
+        keys = {k[len(prefix) :]: k for k in self.state if k.startswith(prefix)}
+        assert keys, f"model.pt has no {side} tower weights"
         if not needs_item_table(self.info, side):
-            tower.pop(ITEM_TABLE, None)
+            keys.pop(ITEM_TABLE, None)
+        tables = {name: key for name, key in keys.items() if name in TABLES}
+        layers = {name: key for name, key in keys.items() if name not in TABLES}
+        return layers, tables
+
+    def tower_state(self, side: str) -> bytes:
+        """The layers of one tower (its state without embedding tables), serialised."""
+        layers, _ = self.tower_keys(side)
         buf = io.BytesIO()
-        torch.save(tower, buf)
+        torch.save({name: self.state[key] for name, key in layers.items()}, buf)
         return buf.getvalue()
 
+    def tower_tables(self, side: str) -> dict[str, torch.Tensor]:
+        """The embedding tables of one tower, as mapped from ``file`` (nothing read)."""
+        _, tables = self.tower_keys(side)
+        return {name: self.state[key] for name, key in tables.items()}
+
     def tower_payload(self, side: str) -> dict:
-        """What an executor needs to rebuild one tower: small enough to broadcast."""
+        """What an executor needs to rebuild one tower, small enough to broadcast: the
+        layers' weights, and where its embedding tables are in the shipped ``model.pt``."""
+        _, tables = self.tower_keys(side)
         return {
             "side": side,
             "fingerprint": self.fingerprint,
@@ -101,7 +146,32 @@ class ModelArtifact:
                 {k: self.info[k] for k in ("features", "num_items", "num_queries", f"{side}_tower")}
             ),
             "state": self.tower_state(side),
+            "tables": tables,
+            "file": self.file_name if tables else None,
+            "file_bytes": self.identity[1],
         }
+
+    def ship_tower(self, spark, side: str) -> dict:
+        """:meth:`tower_payload`, with ``model.pt`` shipped first when the tower has tables."""
+        payload = self.tower_payload(side)
+        if payload["file"]:
+            self.ship(spark)
+        return payload
+
+    def ship(self, spark) -> None:
+        """Ship ``model.pt`` to the executors (once per application, by its unique name).
+        Refused when the file changed since it was hashed, checked before and after it is
+        linked or copied for shipping."""
+        self.check_unchanged()
+        ship_file(spark, self.file, self.file_name)
+        self.check_unchanged()
+
+    def check_unchanged(self) -> None:
+        if file_identity(self.file) != self.identity:
+            raise ArtifactError(
+                f"{self.path}/model.pt changed after it was read (another train stage wrote "
+                "it?): wait for that stage to finish, then run this one again"
+            )
 
 
 def load_state(file: str, model_dir: str) -> tuple[str, dict]:
@@ -165,23 +235,61 @@ class Broadcasts:
             self.destroy(next(iter(self.live)))
 
 
-def build_tower(payload: dict) -> Tower:
-    """Rebuild one tower in eval mode from :meth:`ModelArtifact.tower_payload`."""
+def build_tower(payload: dict, tables: dict[str, torch.Tensor] | None = None) -> Tower:
+    """Rebuild one tower in eval mode from :meth:`ModelArtifact.tower_payload`: its layers
+    from the payload, its embedding tables from ``tables`` (name in the tower's state ->
+    tensor) or else from the shipped ``model.pt`` (:func:`shipped_tables`)."""
     info = json.loads(payload["info"])
     side = payload["side"]
     spec = TowerSpec.from_manifest(info, side)
     shape = TowerShape(**info[f"{side}_tower"])
     state = torch.load(io.BytesIO(payload["state"]), weights_only=True, map_location="cpu")
+    state.update(shipped_tables(payload) if tables is None else tables)
 
-    # A tower that never reads the item-id table is shipped without it and gets a
-    # one-row stand-in, so that every other weight still loads strictly.
-    rows = info["num_items"] + 1 if ITEM_TABLE in state else 1
-    item_table = torch.nn.Embedding(rows, shape.feature_dim, padding_idx=0)
-    tower = Tower(spec, shape, item_table, side)
-    state.setdefault(ITEM_TABLE, item_table.weight.detach())
-    tower.load_state_dict(state)
+    # A tower that never reads the item-id table gets a one-row stand-in, so that every
+    # other weight still loads strictly.
+    state.setdefault(ITEM_TABLE, torch.zeros(1, shape.feature_dim))
+
+    # Built on the meta device (nothing allocated), then given the loaded tensors as they
+    # are: the tables stay memory-mapped, shared by the workers of a host, never copied.
+    with torch.device("meta"):
+        rows = state[ITEM_TABLE].shape[0]
+        item_table = torch.nn.Embedding(rows, shape.feature_dim, padding_idx=0)
+        tower = Tower(spec, shape, item_table, side)
+    tower.load_state_dict(state, assign=True)
+    left = [n for n, t in [*tower.named_parameters(), *tower.named_buffers()] if t.is_meta]
+    assert not left, f"the {side} tower's {left} were not loaded"
     tower.eval()
     return tower
+
+
+_MAPPED: dict[str, tuple[int, dict]] = {}  # Spark file name -> (bytes, mapped state)
+
+
+def shipped_tables(payload: dict) -> dict[str, torch.Tensor]:
+    """The embedding tables of a payload's tower, from ``model.pt`` as shipped by
+    :meth:`ModelArtifact.ship` (``SparkFiles``), memory-mapped once per Python worker."""
+    if not payload["tables"]:
+        return {}
+    name = payload["file"]
+    if name not in _MAPPED:
+        from pyspark import SparkFiles
+
+        file = SparkFiles.get(name)
+        if not os.path.exists(file):
+            raise ArtifactError(
+                f"no model file was shipped as {name}: ship it with ModelArtifact.ship_tower"
+            )
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        _MAPPED.clear()
+        _MAPPED[name] = os.path.getsize(file), state
+    size, state = _MAPPED[name]
+    if size != payload["file_bytes"]:
+        raise ArtifactError(
+            f"the model file shipped as {name} has {size:,} bytes, not the "
+            f"{payload['file_bytes']:,} of model.pt: ship it with ModelArtifact.ship_tower"
+        )
+    return {table: state[key] for table, key in payload["tables"].items()}
 
 
 _TOWERS: dict[tuple[str, str], Tower] = {}

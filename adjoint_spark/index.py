@@ -402,11 +402,11 @@ def run_index(spark, config: Config, timer: Timer | None = None) -> IndexResult:
             Staging(storage, output, "vectors/items") as vectors_stage,
             Staging(storage, output, "index") as index_stage,
         ):
-            # Both towers go out as broadcasts now (the driver keeps no copy of a value it
-            # broadcasts) and model.pt is unmapped: the stage holds no more of the model.
+            # Both towers go out now (layers as broadcasts, the driver keeps no copy of a
+            # value it broadcasts; tables in the shipped model.pt) and model.pt is unmapped.
             fingerprint = model.fingerprint
-            item_tower = broadcasts.add("item tower", model.tower_payload("item"))
-            query_tower = broadcasts.add("query tower", model.tower_payload("query"))
+            item_tower = broadcasts.add("item tower", model.ship_tower(spark, "item"))
+            query_tower = broadcasts.add("query tower", model.ship_tower(spark, "query"))
             del model
 
             with timer.phase("embed"):

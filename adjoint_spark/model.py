@@ -108,7 +108,10 @@ class Tower(nn.Module):
         v = shape.feature_dim
         self.item_table = item_table  # shared with the other tower
         self.numeric = nn.Parameter(torch.randn(spec.num_numeric, v) * 0.1)
-        offsets = torch.tensor([0, *spec.cat_sizes[:-1]], dtype=torch.long).cumsum(0)
+        # On the CPU even when built on the meta device: not in the state dict, so never
+        # loaded (see adjoint_spark.embed.build_tower); .to(device) moves it.
+        offsets = torch.tensor([0, *spec.cat_sizes[:-1]], dtype=torch.long, device="cpu")
+        offsets = offsets.cumsum(0)
         self.register_buffer("cat_offsets", offsets[: len(spec.cat_sizes)], persistent=False)
         self.categorical = nn.Embedding(max(1, sum(spec.cat_sizes)), v) if spec.cat_sizes else None
         self.pools = nn.ModuleList(

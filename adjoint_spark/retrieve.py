@@ -33,7 +33,7 @@ from adjoint_spark.embed import (
 )
 from adjoint_spark.faults import NO_FAULTS, TaskFaults, maybe_fail_task, task_faults
 from adjoint_spark.index import read_json_required
-from adjoint_spark.storage import ArtifactError, Staging, Storage, join, sha256_file
+from adjoint_spark.storage import ArtifactError, Staging, Storage, join, sha256_file, ship_file
 from adjoint_spark.timing import Timer
 
 logger = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ def run_retrieve(spark, config: Config, timer: Timer | None = None) -> RetrieveR
             )
         files = fetch_index(storage, index_dir, index_manifest, tmp)
         for path in files.values():
-            spark.sparkContext.addFile(path)
+            ship_file(spark, path, os.path.basename(path))
         index_name = os.path.basename(files[index_manifest["file"]])
         ondisk = index_manifest.get("ivfdata") is not None
         nprobe = cfg.nprobe or index_manifest["nprobe"]
@@ -304,7 +304,7 @@ def run_retrieve(spark, config: Config, timer: Timer | None = None) -> RetrieveR
                 queries = spark.read.parquet(join(prepared, "queries"))
                 if cfg.num_partitions:
                     queries = queries.repartition(cfg.num_partitions, "query_idx")
-                payload = spark.sparkContext.broadcast(model.tower_payload("query"))
+                payload = spark.sparkContext.broadcast(model.ship_tower(spark, "query"))
                 id_type = dict(queries.dtypes)["query_id"]
                 embedded = queries.mapInPandas(
                     embed_partitions(payload, cfg.batch_size, task_faults("embed")),

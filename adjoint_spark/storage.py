@@ -8,12 +8,14 @@ deleted only after the new one is in place.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 
@@ -67,6 +69,50 @@ def put_file(local: str, uri: str) -> None:
 
     filesystem, path = fs.FileSystem.from_uri(uri.replace("s3a://", "s3://", 1))
     fs.copy_files(local, path, destination_filesystem=filesystem)
+
+
+_SHIPPED: dict[tuple[str, str], str] = {}  # (application id, Spark file name) -> local path
+_FILES_DIR: list[str] = []
+
+
+def files_dir() -> str:
+    """A driver-local folder that lives as long as the driver process: files shipped to
+    executors stay there, since an executor fetches every shipped file when it runs its
+    first task, possibly long after the stage that shipped them (an executor replaced
+    after a failure, or added by dynamic allocation)."""
+    if not _FILES_DIR:
+        folder = tempfile.mkdtemp(prefix="adjoint-spark-files-")
+        atexit.register(shutil.rmtree, folder, True)
+        _FILES_DIR.append(folder)
+    return _FILES_DIR[0]
+
+
+def ship_file(spark: SparkSession, source: str, name: str) -> str:
+    """Make the local file ``source`` a Spark file called ``name`` (``SparkFiles.get(name)``
+    on executors), once per application; returns the path shipped.
+
+    Spark keys its files by name and never replaces one, so ``name`` must be unique to the
+    content (a checksum in it): shipping a name again is a no-op. The file is hard-linked
+    into :func:`files_dir` (copied when it lies on another file system), so the caller may
+    delete ``source`` and a later change of the file at ``source`` is not shipped.
+    """
+    sc = spark.sparkContext
+    key = (sc.applicationId, name)
+    if key in _SHIPPED and os.path.exists(_SHIPPED[key]):
+        return _SHIPPED[key]
+    path = os.path.join(files_dir(), name)
+    if not os.path.exists(path):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    sc.addFile(path)
+    _SHIPPED[key] = path
+    logger.info("shipped %s to the executors as %s (%.1f MiB)",
+                source, name, os.path.getsize(path) / 2**20)  # fmt: skip
+    return path
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:

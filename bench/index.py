@@ -185,7 +185,7 @@ def child_spark_io(config_path: str, driver_memory: str) -> dict:
     config = load_config(config_path)
     items = spark.read.parquet(os.path.join(config.output, "prepared", "items"))
     vectors = spark.read.parquet(os.path.join(config.output, "vectors", "items"))
-    payload = ModelArtifact.read(Storage(spark), config.output).tower_payload("item")
+    payload = ModelArtifact.read(Storage(spark), config.output).ship_tower(spark, "item")
 
     def count(frames):
         yield pd.DataFrame({"n": [sum(len(f) for f in frames)]})
@@ -228,14 +228,23 @@ def child_bare(run: str, threads: str) -> dict:
     import pyarrow.parquet as pq
 
     from adjoint_spark.config import IndexConfig
-    from adjoint_spark.embed import ModelArtifact, build_tower, embed_frame, load_state, set_threads
+    from adjoint_spark.embed import (
+        ModelArtifact,
+        build_tower,
+        embed_frame,
+        file_identity,
+        load_state,
+        set_threads,
+    )
 
     set_threads(int(threads))
     with open(os.path.join(run, "model", "model.json")) as fh:
         info = json.load(fh)
-    fingerprint, state = load_state(os.path.join(run, "model", "model.pt"), "model")
-    model = ModelArtifact("model", info, state, fingerprint)
-    tower = build_tower(model.tower_payload("item"))
+    file = os.path.join(run, "model", "model.pt")
+    identity = file_identity(file)
+    fingerprint, state = load_state(file, "model")
+    model = ModelArtifact("model", info, state, fingerprint, file, identity)
+    tower = build_tower(model.tower_payload("item"), model.tower_tables("item"))
     index = faiss.read_index(os.path.join(run, "bench-trained.faiss"))
     batch_size, rows = IndexConfig().batch_size, 10_000  # Spark's Arrow batches: 10,000
     seconds = {"read": 0.0, "embed": 0.0, "add": 0.0}
@@ -593,7 +602,7 @@ def check_artifacts(run: str) -> None:
         info = json.load(fh)
     with open(os.path.join(run, "prepared", "manifest.json")) as fh:
         manifest = json.load(fh)
-    ModelArtifact("model", info, {}, "").check_prepared(manifest, "manifest.json")
+    ModelArtifact("model", info, {}, "", "", (0, 0, 0)).check_prepared(manifest, "manifest.json")
     model = TwoTower(
         TowerSpec.from_manifest(manifest, "query"),
         TowerSpec.from_manifest(manifest, "item"),

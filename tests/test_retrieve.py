@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -14,7 +15,13 @@ import pandas as pd
 import pytest
 import torch
 
-from adjoint_spark.embed import ModelArtifact, embed_partitions, vector_schema
+from adjoint_spark.embed import (
+    TABLES,
+    ModelArtifact,
+    build_tower,
+    embed_partitions,
+    vector_schema,
+)
 from adjoint_spark.feed import load_features
 from adjoint_spark.index import run_index
 from adjoint_spark.metrics import evaluate_top_k
@@ -115,10 +122,18 @@ def test_model_is_read_once_and_payloads_carry_what_each_tower_reads(
     with open(os.path.join(config.output, "model", "model.pt"), "rb") as fh:
         assert model.fingerprint == hashlib.sha256(fh.read()).hexdigest()
 
-    # The query tower has no sequence feature: it is shipped without the item-id table.
-    for side, has_table in (("query", False), ("item", True)):
-        state = torch.load(io.BytesIO(model.tower_state(side)), weights_only=True)
-        assert ("item_table.weight" in state) == has_table, side
+    # Payloads carry the layers only; the tables each tower reads come from model.pt
+    # (the query tower has no sequence feature and no own id: no item-id table).
+    for side, tables in (
+        ("query", {"categorical.weight"}),
+        ("item", {"categorical.weight", "item_table.weight"}),
+    ):
+        payload = model.tower_payload(side)
+        state = torch.load(io.BytesIO(payload["state"]), weights_only=True)
+        assert state and not set(state) & set(TABLES), side
+        assert set(payload["tables"]) == tables, side
+        assert payload["file"] == f"model-{model.fingerprint[:16]}.pt"
+        assert len(pickle.dumps(payload)) < 100_000, side  # the tables are not in it
 
     # An output off the local file system is read from a local copy, to the same state.
     monkeypatch.setattr("adjoint_spark.embed.local_path", lambda uri: None)
@@ -126,6 +141,82 @@ def test_model_is_read_once_and_payloads_carry_what_each_tower_reads(
     assert copied.fingerprint == model.fingerprint and copied.state.keys() == model.state.keys()
     for key, value in model.state.items():
         assert torch.equal(copied.state[key], value), key
+
+
+def mapped_from(file: str, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s data lies in a memory mapping of ``file`` (Linux)."""
+    ptr, real = tensor.data_ptr(), os.path.realpath(file)
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == real:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= ptr < hi:
+                    return True
+    return False
+
+
+def test_model_file_is_shipped_once_and_towers_rebuilt_from_it_on_executors(spark, pipeline_run):
+    _, config = pipeline_run
+    model = ModelArtifact.read(Storage(spark), config.output)
+    payload = model.ship_tower(spark, "item")
+    model.ship(spark)  # again: a no-op (Spark never replaces a file of the same name)
+
+    # On an executor: the shipped file is model.pt byte for byte, and the tower built
+    # from it (tables mapped, not copied) equals the one built from the driver's state.
+    def check(frames, payload=payload):
+        from pyspark import SparkFiles
+
+        from adjoint_spark.storage import sha256_file
+
+        tower = build_tower(payload)
+        file = SparkFiles.get(payload["file"])
+        tables = [tower.item_table.weight, tower.categorical.weight]
+        mapped = all(mapped_from(file, t) for t in tables)
+        for frame in frames:
+            yield pd.DataFrame({"sha": [sha256_file(file)], "mapped": [mapped],
+                                "rows": [len(frame)],
+                                "sum": [float(sum(p.double().sum() for p in
+                                                  tower.state_dict().values()))]})  # fmt: skip
+
+    got = (
+        spark.range(2, numPartitions=2)
+        .mapInPandas(check, "sha string, mapped boolean, rows long, sum double")
+        .toPandas()
+    )
+    driver = build_tower(model.tower_payload("item"), model.tower_tables("item"))
+    expected = float(sum(p.double().sum() for p in driver.state_dict().values()))
+    assert (got["sha"] == model.fingerprint).all() and got["mapped"].all()
+    np.testing.assert_allclose(got["sum"], expected, rtol=1e-12)
+
+    # A payload that names a file of another size is refused with a clear error.
+    wrong = {**payload, "file_bytes": payload["file_bytes"] + 1}
+    with pytest.raises(Exception, match="ship it with ModelArtifact.ship_tower"):
+        spark.range(1).mapInPandas(
+            lambda frames: (pd.DataFrame({"n": [len(build_tower(wrong).state_dict())]})
+                            for _ in frames), "n long",
+        ).collect()  # fmt: skip
+
+
+def test_a_shipped_file_outlives_its_source_and_names_are_shipped_once(spark, tmp_path):
+    from pyspark import SparkFiles
+
+    from adjoint_spark.storage import ship_file
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_bytes(b"first content")
+    second.write_bytes(b"other content")
+    name = f"ship-test-{os.getpid()}.bin"
+    shipped = ship_file(spark, str(first), name)
+    assert ship_file(spark, str(second), name) == shipped  # the first stays the one shipped
+    first.unlink()
+
+    def read(frames):
+        for _ in frames:
+            yield pd.DataFrame({"data": [open(SparkFiles.get(name), "rb").read()]})
+
+    got = spark.range(1).mapInPandas(read, "data binary").first()["data"]
+    assert bytes(got) == b"first content"
 
 
 def test_recommendations_are_complete_ranked_and_unseen(spark, pipeline_run):
