@@ -36,10 +36,9 @@ from adjoint_spark.config import Config, IndexConfig
 from adjoint_spark.embed import (
     Broadcasts,
     ModelArtifact,
-    embed_partitions,
+    embed_rows,
     set_threads,
     task_threads,
-    vector_schema,
     write_vectors,
 )
 from adjoint_spark.faults import NO_FAULTS, TaskFaults, maybe_fail_task, task_faults
@@ -404,7 +403,7 @@ def run_index(spark, config: Config, timer: Timer | None = None) -> IndexResult:
         ):
             # Both towers go out now (layers as broadcasts, the driver keeps no copy of a
             # value it broadcasts; tables in the shipped model.pt) and model.pt is unmapped.
-            fingerprint = model.fingerprint
+            fingerprint, dim = model.fingerprint, model.embedding_dim
             item_tower = broadcasts.add("item tower", model.ship_tower(spark, "item"))
             query_tower = broadcasts.add("query tower", model.ship_tower(spark, "query"))
             del model
@@ -413,10 +412,8 @@ def run_index(spark, config: Config, timer: Timer | None = None) -> IndexResult:
                 items = spark.read.parquet(join(prepared, "items"))
                 if cfg.num_partitions:
                     items = items.repartition(cfg.num_partitions, "item_idx")
-                id_type = dict(items.dtypes)["item_id"]
-                embedded = items.mapInPandas(
-                    embed_partitions(item_tower, cfg.batch_size, task_faults("embed")),
-                    vector_schema(id_type),
+                embedded = embed_rows(
+                    items, item_tower, "item", dim, cfg.batch_size, task_faults("embed")
                 )
                 write_vectors(embedded, vectors_stage.path)
                 broadcasts.destroy("item tower")
@@ -425,7 +422,6 @@ def run_index(spark, config: Config, timer: Timer | None = None) -> IndexResult:
             with timer.phase("train"):
                 sample = sample_frame(vectors, plan.num_train, cfg.seed, "idx")
                 sample = np.stack(sample.select("embedding").toPandas()["embedding"].to_numpy())
-                dim = sample.shape[1]
                 trained = train_index(sample.astype(np.float32), plan)
                 trained_bytes = faiss.serialize_index(trained).tobytes()
                 del sample
@@ -463,7 +459,7 @@ def run_index(spark, config: Config, timer: Timer | None = None) -> IndexResult:
                     del ids
 
                 with timer.phase("sweep"):
-                    queries, exact = sweep_sample(spark, query_tower, prepared, vectors, cfg)
+                    queries, exact = sweep_sample(spark, query_tower, dim, prepared, vectors, cfg)
                     broadcasts.destroy("query tower")
                     sweep = sweep_nprobe(index, queries, exact, cfg.sweep_k)
                     chosen = choose_nprobe(sweep, cfg.target_recall)
@@ -551,16 +547,14 @@ def check_vectors_table(vectors, num_items: int, F) -> None:
         )
 
 
-def sweep_sample(spark, query_tower, prepared: str, vectors, cfg: IndexConfig):
+def sweep_sample(spark, query_tower, dim: int, prepared: str, vectors, cfg: IndexConfig):
     """A seeded sample of query vectors and their exact top-k items (computed in Spark;
     the driver receives (queries x k) rows, not (partitions x queries x k)).
     ``query_tower``: a broadcast of the query tower's payload."""
     queries = sample_frame(
         spark.read.parquet(join(prepared, "queries")), cfg.sweep_queries, cfg.seed, "query_idx"
     )
-    id_type = dict(queries.dtypes)["query_id"]
-    embedded = queries.mapInPandas(embed_partitions(query_tower, cfg.batch_size),
-                                   vector_schema(id_type)).toPandas()  # fmt: skip
+    embedded = embed_rows(queries, query_tower, "query", dim, cfg.batch_size).toPandas()
     embedded = embedded.sort_values("idx")
     query_vectors = np.ascontiguousarray(np.stack(embedded["embedding"].to_numpy()), np.float32)
 

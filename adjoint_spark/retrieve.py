@@ -25,10 +25,9 @@ import pandas as pd
 from adjoint_spark.config import Config
 from adjoint_spark.embed import (
     ModelArtifact,
-    embed_partitions,
+    embed_rows,
     set_threads,
     task_threads,
-    vector_schema,
     write_vectors,
 )
 from adjoint_spark.faults import NO_FAULTS, TaskFaults, maybe_fail_task, task_faults
@@ -306,10 +305,8 @@ def run_retrieve(spark, config: Config, timer: Timer | None = None) -> RetrieveR
                     queries = queries.repartition(cfg.num_partitions, "query_idx")
                 payload = spark.sparkContext.broadcast(model.ship_tower(spark, "query"))
                 id_type = dict(queries.dtypes)["query_id"]
-                embedded = queries.mapInPandas(
-                    embed_partitions(payload, cfg.batch_size, task_faults("embed")),
-                    vector_schema(id_type),
-                )
+                embedded = embed_rows(queries, payload, "query", model.embedding_dim,
+                                      cfg.batch_size, task_faults("embed"))  # fmt: skip
                 write_vectors(embedded, vectors_stage.path)
                 payload.unpersist()
 

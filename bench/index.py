@@ -178,14 +178,15 @@ def child_spark_io(config_path: str, driver_memory: str) -> dict:
     import pandas as pd
 
     from adjoint_spark.config import load_config
-    from adjoint_spark.embed import ModelArtifact, embed_partitions, frame_to_batch, vector_schema
+    from adjoint_spark.embed import ModelArtifact, embed_rows, frame_to_batch
     from adjoint_spark.storage import Storage
 
     spark = session(driver_memory)
     config = load_config(config_path)
     items = spark.read.parquet(os.path.join(config.output, "prepared", "items"))
     vectors = spark.read.parquet(os.path.join(config.output, "vectors", "items"))
-    payload = ModelArtifact.read(Storage(spark), config.output).ship_tower(spark, "item")
+    model = ModelArtifact.read(Storage(spark), config.output)
+    payload = model.ship_tower(spark, "item")
 
     def count(frames):
         yield pd.DataFrame({"n": [sum(len(f) for f in frames)]})
@@ -202,8 +203,7 @@ def child_spark_io(config_path: str, driver_memory: str) -> dict:
             n += len(np.stack(frame["embedding"].to_numpy()))
         yield pd.DataFrame({"n": [n]})
 
-    embedded = items.mapInPandas(embed_partitions(payload, config.index.batch_size),
-                                 vector_schema("long"))  # fmt: skip
+    embedded = embed_rows(items, payload, "item", model.embedding_dim, config.index.batch_size)
     jobs = {
         "items to pandas": items.mapInPandas(count, "n long"),
         "items to pandas + tensors (frame_to_batch)": items.mapInPandas(stacked, "n long"),

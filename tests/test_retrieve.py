@@ -19,8 +19,7 @@ from adjoint_spark.embed import (
     TABLES,
     ModelArtifact,
     build_tower,
-    embed_partitions,
-    vector_schema,
+    embed_rows,
 )
 from adjoint_spark.feed import load_features
 from adjoint_spark.index import run_index
@@ -106,7 +105,7 @@ def test_embedding_function_runs_on_an_executor(spark, pipeline_run):
     model = ModelArtifact.read(Storage(spark), config.output)
     items = spark.read.parquet(os.path.join(config.output, "prepared", "items"))
     payload = spark.sparkContext.broadcast(model.tower_payload("item"))
-    out = items.mapInPandas(embed_partitions(payload, 64), vector_schema("long")).toPandas()
+    out = embed_rows(items, payload, "item", model.embedding_dim, 64).toPandas()
     published = read(spark, config, "vectors/items")
     merged = out.merge(published, on="idx", suffixes=("", "_published"))
     assert len(merged) == 900 and (merged["id"] == merged["id_published"]).all()
