@@ -254,15 +254,12 @@ def build_tower(payload: dict, tables: dict[str, torch.Tensor] | None = None) ->
     # other weight still loads strictly.
     state.setdefault(ITEM_TABLE, torch.zeros(1, shape.feature_dim))
 
-    # Built on the meta device (nothing allocated), then given the loaded tensors as they
-    # are: the tables stay memory-mapped, shared by the workers of a host, never copied.
-    with torch.device("meta"):
-        rows = state[ITEM_TABLE].shape[0]
-        item_table = torch.nn.Embedding(rows, shape.feature_dim, padding_idx=0)
-        tower = Tower(spec, shape, item_table, side)
+    # The tables are taken as they are: they stay memory-mapped, shared by the workers of
+    # a host, never copied (nor first allocated and initialised); assign: the layers too.
+    table = state[ITEM_TABLE]
+    item_table = torch.nn.Embedding(*table.shape, padding_idx=0, _weight=table)
+    tower = Tower(spec, shape, item_table, side, tables=state)
     tower.load_state_dict(state, assign=True)
-    left = [n for n, t in [*tower.named_parameters(), *tower.named_buffers()] if t.is_meta]
-    assert not left, f"the {side} tower's {left} were not loaded"
     tower.eval()
     return tower
 

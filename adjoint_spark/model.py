@@ -102,25 +102,37 @@ class SequencePool(nn.Module):
 
 
 class Tower(nn.Module):
-    def __init__(self, spec: TowerSpec, shape: TowerShape, item_table: nn.Embedding, side: str):
+    """One tower. ``tables``: weights, by state name (``categorical.weight``,
+    ``own_ids.weight``), that the tower's own embedding tables take as they are (not
+    copied, not initialised): how a trained tower is rebuilt around memory-mapped tables."""
+
+    def __init__(
+        self,
+        spec: TowerSpec,
+        shape: TowerShape,
+        item_table: nn.Embedding,
+        side: str,
+        tables: dict[str, Tensor] | None = None,
+    ):
         super().__init__()
+        tables = tables or {}
         self.spec, self.shape, self.side = spec, shape, side
         v = shape.feature_dim
         self.item_table = item_table  # shared with the other tower
         self.numeric = nn.Parameter(torch.randn(spec.num_numeric, v) * 0.1)
-        # On the CPU even when built on the meta device: not in the state dict, so never
-        # loaded (see adjoint_spark.embed.build_tower); .to(device) moves it.
-        offsets = torch.tensor([0, *spec.cat_sizes[:-1]], dtype=torch.long, device="cpu")
-        offsets = offsets.cumsum(0)
+        offsets = torch.tensor([0, *spec.cat_sizes[:-1]], dtype=torch.long).cumsum(0)
         self.register_buffer("cat_offsets", offsets[: len(spec.cat_sizes)], persistent=False)
-        self.categorical = nn.Embedding(max(1, sum(spec.cat_sizes)), v) if spec.cat_sizes else None
+        self.categorical = None
+        if spec.cat_sizes:
+            rows = max(1, sum(spec.cat_sizes))
+            self.categorical = nn.Embedding(rows, v, _weight=tables.get("categorical.weight"))
         self.pools = nn.ModuleList(
             SequencePool(v, shape.pooling, shape.dropout, shape.sequence_projection)
             for _ in spec.sequences
         )
         self.own_ids = None
         if shape.use_id and side == "query":
-            self.own_ids = nn.Embedding(spec.num_ids, v)
+            self.own_ids = nn.Embedding(spec.num_ids, v, _weight=tables.get("own_ids.weight"))
         num_features = (
             spec.num_numeric + len(spec.cat_sizes) + len(spec.sequences) + int(shape.use_id)
         )

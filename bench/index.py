@@ -11,8 +11,10 @@ The 2x and 4x catalogues repeat the prepared item rows with shifted item_idx/ite
 (their sequences keep pointing at the first copy) and use the trained model with the
 item-id table repeated (plus noise), so every item costs the same to embed. Every stage
 runs in a child process whose driver (the Python process) and JVM memory are sampled
-with times, so peaks are reported per phase. The index is built with
-`index.merge=ondisk`; the 1x run also retrieves the top 40 items of every query. The
+with times, so peaks are reported per phase. The index stage runs twice in its child
+process (:func:`child_index`): speed is reported for both runs, memory for the first.
+The index is built with `index.merge=ondisk`; the 1x run also retrieves the top 40
+items of every query. The
 bare loop reads the same Parquet in one process (pyarrow), embeds with the same tower
 and adds to a copy of the same trained index, with 1 and with 2 threads.
 
@@ -118,7 +120,12 @@ def child_train(config_path: str, driver_memory: str, epochs: str) -> dict:
 
 
 def child_index(config_path: str, driver_memory: str, retrieve: str) -> dict:
-    """The index stage (and retrieve); the trained index is kept for the bare loop."""
+    """The index stage (and retrieve); the trained index is kept for the bare loop.
+
+    The stage runs twice in the same process: first as a job run alone meets it (a new
+    JVM, Python workers that have imported torch and faiss but built no tower), then
+    again as a pipeline or a larger catalogue meets it, with the JVM's code compiled and
+    each worker's tower built: the second run's embed + add is the rate that scales."""
     import faiss
 
     import adjoint_spark.index as index_module
@@ -139,11 +146,14 @@ def child_index(config_path: str, driver_memory: str, retrieve: str) -> dict:
     warm_up = start_workers(spark)
     timer = SpanTimer()
     manifest = index_module.run_index(spark, config, timer).manifest
+    again = SpanTimer()
+    index_module.run_index(spark, config, again)
     metrics = run_retrieve(spark, config, timer).metrics if retrieve == "1" else None
     items = spark.read.parquet(os.path.join(config.output, "prepared", "items"))
     out = {
         "phases": timer.as_dict(),
         "spans": timer.spans,
+        "again": {"phases": again.as_dict(), "spans": again.spans},
         "index": manifest,
         "retrieve": metrics,
         "item_partitions": items.rdd.getNumPartitions(),
@@ -621,6 +631,8 @@ def case(result: dict, timeline: Timeline, seconds: float, n: int) -> dict:
     p, spans = result["phases"], result["spans"]
     merge_only = p["index/merge"] - p["index/merge/check"] - p["index/merge/sweep"]
     embed_add = p["index/embed"] + p["index/shards"]
+    again = result["again"]["phases"]
+    embed_add_again = again["index/embed"] + again["index/shards"]
     build = embed_add + p["index/train"] + merge_only
     peaks = {
         name: timeline.peaks(*spans[f"index/{name}"])
@@ -641,11 +653,17 @@ def case(result: dict, timeline: Timeline, seconds: float, n: int) -> dict:
             "sweep": p["index/merge/sweep"],
             "index_stage": p["index"],
             "embed_add": round(embed_add, 3),
+            "embed_again": again["index/embed"],
+            "shards_again": again["index/shards"],
+            "embed_add_again": round(embed_add_again, 3),
+            "index_stage_again": again["index"],
             "build": round(build, 3),
             "child_process": round(seconds, 1),
         },
         "items_per_second_embed_add": round(n / embed_add, 1),
         "items_per_second_embed_add_per_core": round(n / embed_add / CORES, 1),
+        "items_per_second_embed_add_again": round(n / embed_add_again, 1),
+        "items_per_second_embed_add_again_per_core": round(n / embed_add_again / CORES, 1),
         "items_per_second_build": round(n / build, 1),
         "items_per_second_index_stage": round(n / p["index"], 1),
         "peak_index_stage": timeline.peaks(*spans["index"]),
@@ -675,7 +693,7 @@ def ratios(cases: dict) -> dict:
     base = cases["1x"]
     out = {}
     previous = None
-    keys = ("embed_add", "build", "index_stage")
+    keys = ("embed_add", "embed_add_again", "build", "index_stage")
     for name, c in cases.items():
         scale = c["items"] / base["items"]
         per_item = {k: round(c["seconds"][k] / (scale * base["seconds"][k]), 3) for k in keys}
@@ -761,18 +779,30 @@ SCALE_ROWS = [
         "items/s embed + add per core",
         lambda c, r: f"{c['items_per_second_embed_add_per_core']:,.0f}",
     ),
+    *[
+        (f"{k} s, second run in the process", lambda c, r, k=k: c["seconds"][f"{k}_again"])
+        for k in ("embed", "shards", "index_stage")
+    ],
+    (
+        "**items/s embed + add, second run**",
+        lambda c, r: f"**{c['items_per_second_embed_add_again']:,.0f}**",
+    ),
+    (
+        "items/s embed + add per core, second run",
+        lambda c, r: f"{c['items_per_second_embed_add_again_per_core']:,.0f}",
+    ),
     ("items/s embed + train + add + merge", lambda c, r: f"{c['items_per_second_build']:,.0f}"),
     ("items/s whole index stage", lambda c, r: f"{c['items_per_second_index_stage']:,.0f}"),
     *[
         (f"s per item vs 1x: {k}", lambda c, r, k=k: r["seconds_per_item_vs_1x"][k])
-        for k in ("embed_add", "build", "index_stage")
+        for k in ("embed_add", "embed_add_again", "build", "index_stage")
     ],
     *[
         (
             f"s per item added since the previous scale vs 1x: {k}",
             lambda c, r, k=k: r["marginal_seconds_per_item_vs_1x"][k] or "-",
         )
-        for k in ("embed_add", "build", "index_stage")
+        for k in ("embed_add", "embed_add_again", "build", "index_stage")
     ],
     ("peak driver RSS MiB", lambda c, r: c["peak_index_stage"]["driver_mib"]),
     ("**peak driver RSS vs 1x**", lambda c, r: f"**{r['peak_driver_vs_1x']}**"),
@@ -948,9 +978,13 @@ def main() -> None:
     spark = result["cases"]["1x"]["items_per_second_embed_add"]
     bare = {k: v["items_per_second"] for k, v in result["bare"].items()}
     best = max(bare, key=bare.get)
+    again = result["cases"]["1x"]["items_per_second_embed_add_again"]
     result["spark_over_bare"] = {
         f"Spark embed + add / best bare loop in one process ({best}) (target >= 0.6)": round(
             spark / bare[best], 3
+        ),
+        f"Spark embed + add, second run in the process / best bare loop ({best})": round(
+            again / bare[best], 3
         ),
         **{f"Spark embed + add / bare loop {k}": round(spark / v, 3) for k, v in bare.items()},
         f"Spark embed + add / ({CORES} x bare loop 1 thread)": round(
@@ -963,11 +997,12 @@ def main() -> None:
         # Items added between the two largest scales over the seconds they added: the
         # rate without the stage's fixed costs (tasks' tower loading, scheduling).
         a, b = (result["cases"][n] for n in names[-2:])
-        added = (b["items"] - a["items"]) / (b["seconds"]["embed_add"] - a["seconds"]["embed_add"])
-        result["spark_over_bare"][
-            f"Spark embed + add, items added {names[-2]} -> {names[-1]} over the seconds "
-            f"added ({added:,.0f} items/s) / best bare loop"
-        ] = round(added / bare[best], 3)
+        for key, run in (("embed_add", "first"), ("embed_add_again", "second")):
+            added = (b["items"] - a["items"]) / (b["seconds"][key] - a["seconds"][key])
+            result["spark_over_bare"][
+                f"Spark embed + add ({run} run), items added {names[-2]} -> {names[-1]} over "
+                f"the seconds added ({added:,.0f} items/s) / best bare loop"
+            ] = round(added / bare[best], 3)
     index = result["cases"]["1x"]["index"]
     nprobes = sorted(
         {min(n, index["nlist"]) for n in (index["nprobe"], 4 * index["nprobe"], 10**9)}
