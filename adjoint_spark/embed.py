@@ -80,21 +80,26 @@ class ModelArtifact:
         info = storage.read_json(join(path, "model.json"))
         local = local_path(join(path, "model.pt"))
         if local is not None:
-            identity = file_identity(local)
-            fingerprint, state = load_state(local, path)
-            return ModelArtifact(path, info, state, fingerprint, local, identity)
+            return ModelArtifact.read_file(path, info, local)
 
         # Copied to the driver's disk through Hadoop (streamed, not through py4j) and kept
         # under its content's name in the folder of shipped files, once per process.
         download = os.path.join(files_dir(), f"model-download-{uuid.uuid4().hex[:12]}.pt")
         storage.copy_to_local(join(path, "model.pt"), download)
         fingerprint, state = load_state(download, path)
-        local = os.path.join(files_dir(), f"model-{fingerprint[:16]}.pt")
+        local = os.path.join(files_dir(), shipped_name(fingerprint))
         if os.path.exists(local):
             os.remove(download)  # an earlier copy of the same content (its pages stay mapped)
         else:
             os.replace(download, local)
         return ModelArtifact(path, info, state, fingerprint, local, file_identity(local))
+
+    @staticmethod
+    def read_file(path: str, info: dict, file: str) -> ModelArtifact:
+        """The artifact of a local ``model.pt`` (``path`` names the model in errors)."""
+        identity = file_identity(file)
+        fingerprint, state = load_state(file, path)
+        return ModelArtifact(path, info, state, fingerprint, file, identity)
 
     @property
     def embedding_dim(self) -> int:
@@ -102,8 +107,7 @@ class ModelArtifact:
 
     @property
     def file_name(self) -> str:
-        """The name ``model.pt`` is shipped under: unique to its content."""
-        return f"model-{self.fingerprint[:16]}.pt"
+        return shipped_name(self.fingerprint)
 
     def check_prepared(self, manifest: dict, manifest_path: str) -> None:
         """Refuse prepared data whose features differ from those the model was trained on."""
@@ -176,6 +180,11 @@ class ModelArtifact:
                 f"{self.path}/model.pt changed after it was read (another train stage wrote "
                 "it?): wait for that stage to finish, then run this one again"
             )
+
+
+def shipped_name(fingerprint: str) -> str:
+    """The name ``model.pt`` is shipped (and copied) under: unique to its content."""
+    return f"model-{fingerprint[:16]}.pt"
 
 
 def load_state(file: str, model_dir: str) -> tuple[str, dict]:

@@ -238,22 +238,12 @@ def child_bare(run: str, threads: str) -> dict:
     import pyarrow.parquet as pq
 
     from adjoint_spark.config import IndexConfig
-    from adjoint_spark.embed import (
-        ModelArtifact,
-        build_tower,
-        embed_frame,
-        file_identity,
-        load_state,
-        set_threads,
-    )
+    from adjoint_spark.embed import ModelArtifact, build_tower, embed_frame, set_threads
 
     set_threads(int(threads))
     with open(os.path.join(run, "model", "model.json")) as fh:
         info = json.load(fh)
-    file = os.path.join(run, "model", "model.pt")
-    identity = file_identity(file)
-    fingerprint, state = load_state(file, "model")
-    model = ModelArtifact("model", info, state, fingerprint, file, identity)
+    model = ModelArtifact.read_file("model", info, os.path.join(run, "model", "model.pt"))
     tower = build_tower(model.tower_payload("item"), model.tower_tables("item"))
     index = faiss.read_index(os.path.join(run, "bench-trained.faiss"))
     batch_size, rows = IndexConfig().batch_size, 10_000  # Spark's Arrow batches: 10,000
